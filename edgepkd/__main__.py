@@ -1,0 +1,3 @@
+from edgepkd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""Progressive distillation over a whole recipe: teacher -> students, as a chain and/or an ensemble.
+
+chain     teacher -> S1 -> S2 -> ...: each student is distilled from its predecessor (or from the teacher,
+          ``distill.chain_source: teacher``), so every step bridges a smaller capacity gap.
+ensemble  students trained one after another as weak learners: student k learns so that the running sum of
+          logits of students 1..k matches the teacher, i.e. what the ensemble so far still misses; samples
+          where that ensemble is furthest from the teacher (KL) weigh more. Every prefix 1..k is an anytime
+          model whose logits are the sum of its members' logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import edgepkd
+from edgepkd.config import to_dict
+from edgepkd.data import Dataset
+from edgepkd.distill.trainer import (DistContext, Logits, Reporter, StageTargets, accuracy, eval_mode, fit,
+                                     init_seeded, predict, stage_seed)
+from edgepkd.errors import ConfigError
+from edgepkd.measure.flops import FlopReport, count_flops
+from edgepkd.models import build_student, build_teacher, set_scan_backend
+from edgepkd.recipe import Recipe
+from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
+
+
+@dataclass
+class Member:
+    stage: str                   # "teacher", "chain/s1", "ensemble/e2", ...
+    role: str                    # teacher | chain | ensemble
+    arch: str                    # teacher registry name, or "mamba"
+    spec: dict                   # builder arguments
+    model: nn.Module
+    flops: FlopReport
+    info: dict = field(default_factory=dict)   # train time, val accuracy, history
+
+
+# ------------------------------------------------------------------------------------------ students plan
+def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes: int) -> list[tuple[dict, FlopReport]]:
+    """Resolve ``recipe.students`` to concrete specs with their FLOPs, largest first, strictly decreasing."""
+    c, h, _ = input_shape
+
+    def measure(spec: dict) -> FlopReport:
+        return count_flops(build_student(spec, num_classes, c, h), input_shape)
+
+    if recipe.students.sizes is not None:
+        specs = [to_dict(s) for s in recipe.students.sizes]
+        for i, spec in enumerate(specs):
+            if h % spec["patch_size"]:
+                raise ConfigError(f"students.sizes.{i}.patch_size: {spec['patch_size']} does not divide the "
+                                  f"image size {h} of dataset '{recipe.data.dataset}'")
+        planned = [(spec, measure(spec)) for spec in specs]
+        for i in range(1, len(planned)):
+            (_, a), (_, b) = planned[i - 1], planned[i]
+            if not (b.flops < a.flops and b.macs < a.macs):
+                raise ConfigError(f"students.sizes.{i}: {b.mflops:.3f} MFLOPs / {b.macs} MACs is not smaller than "
+                                  f"student {i - 1} ({a.mflops:.3f} MFLOPs / {a.macs} MACs); list students "
+                                  "largest first, each strictly smaller")
+        return planned
+    return _progression(recipe, input_shape, num_classes, measure)
+
+
+def _progression(recipe: Recipe, input_shape, num_classes, measure) -> list[tuple[dict, FlopReport]]:
+    """Each next student: the candidate (d_model, depth, d_state) closest to ``flops_ratio`` x the previous FLOPs."""
+    prog = recipe.students.progression
+    start = to_dict(prog.start)
+    if input_shape[1] % start["patch_size"]:
+        raise ConfigError(f"students.progression.start.patch_size: {start['patch_size']} does not divide the "
+                          f"image size {input_shape[1]}")
+    step = 4 if start["d_model"] >= 8 else 1
+    d_models = sorted({d for d in range(step, start["d_model"] + 1, step) if d >= prog.min_d_model}
+                      | {max(prog.min_d_model, 1)})
+    d_states = sorted({max(1, start["d_state"] // 2 ** k) for k in range(3)})
+    candidates = [{**start, "d_model": d, "depth": depth, "d_state": n, "dt_rank": None}
+                  for d in d_models for depth in range(1, start["depth"] + 1) for n in d_states]
+    scored = [(spec, measure(spec)) for spec in candidates]
+    planned = [(start, measure(start))]
+    while len(planned) < prog.count:
+        prev = planned[-1][1]
+        target = prev.flops * prog.flops_ratio
+        smaller = [(s, f) for s, f in scored if f.flops < prev.flops and f.macs < prev.macs]
+        if not smaller:
+            raise ConfigError(f"students.progression.count: only {len(planned)} students fit below "
+                              f"{prev.mflops:.3f} MFLOPs with min_d_model {prog.min_d_model}; lower count or "
+                              "flops_ratio, or start larger")
+        planned.append(min(smaller, key=lambda sf: (abs(math.log(sf[1].flops / target)), -sf[0]["d_model"])))
+    return planned
+
+
+def check_recipe(recipe: Recipe, data: Dataset) -> list[tuple[dict, FlopReport]]:
+    """Everything that needs the data's shape: the teacher builds, the students plan. Returns the plan."""
+    from edgepkd.models import TEACHERS
+
+    c, h, _ = data.input_shape
+    try:
+        TEACHERS.get(recipe.teacher.arch)
+    except ConfigError as e:
+        raise ConfigError(f"teacher.arch: {e}") from None
+    build_teacher(recipe.teacher.arch, dict(recipe.teacher.args), data.num_classes, c, h)
+    if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
+        raise ConfigError(f"teacher.checkpoint: {recipe.teacher.checkpoint}: no such file")
+    return plan_students(recipe, data.input_shape, data.num_classes)
+
+
+# ------------------------------------------------------------------------------------------ the run
+def _weights_meta(member: Member, recipe: Recipe, data: Dataset) -> dict:
+    return {"edgepkd_version": edgepkd.__version__, "stage": member.stage, "role": member.role,
+            "arch": member.arch, "spec": member.spec, "num_classes": data.num_classes,
+            "classes": data.classes, "preprocessing": data.preprocessing(), "recipe": recipe.name,
+            "dataset": recipe.data.dataset, "macs": member.flops.macs, "flops": member.flops.flops,
+            "params": member.flops.params}
+
+
+def _logit_source(models: list[nn.Module], data: Dataset, cache: bool, device) -> Logits:
+    """Frozen logits of ``models`` (summed): cached over the training set once when allowed."""
+    fn = eval_mode(models)
+    table = predict(fn, data, data.train.x, device=device) if cache else None  # (N_train, K)
+    return lambda idx, x: table[idx].to(x.device) if table is not None and idx is not None else fn(x)
+
+
+class Distiller:
+    """Runs one recipe into one run directory; every finished stage is kept, so ``--resume`` skips it."""
+
+    def __init__(self, recipe: Recipe, data: Dataset, run: RunDir, reporter: Reporter | None = None,
+                 dist: DistContext | None = None):
+        self.recipe, self.data, self.run = recipe, data, run
+        self.reporter = reporter
+        self.dist = dist or DistContext()
+        self.cache = recipe.distill.cache_teacher and recipe.data.augment == "none"
+
+    def _build(self, arch: str, spec: dict, seed_stage: str) -> nn.Module:
+        c, h, _ = self.data.input_shape
+        k = self.data.num_classes
+        if arch == "mamba":
+            model = init_seeded(lambda: build_student(spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
+            set_scan_backend(model, self.recipe.scan_backend)
+            return model
+        return init_seeded(lambda: build_teacher(arch, spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
+
+    def _stage(self, stage: str, role: str, arch: str, spec: dict, targets: StageTargets | None,
+               train_cfg) -> Member:
+        """Train (or load, when finished earlier) one model and keep its weights in the run directory."""
+        model = self._build(arch, spec, stage)
+        member = Member(stage, role, arch, spec, model, count_flops(model, self.data.input_shape))
+        done = self.run.state()["stages"].get(stage)
+        path = self.run.weights_path(stage)
+        if done is not None and path.exists():
+            model.load_state_dict(load_safetensors(path)[0])
+            member.info = done
+        else:
+            member.info = fit(model, self.data, train_cfg, stage=stage, seed=self.recipe.seed,
+                              augment_mode=self.recipe.data.augment, targets=targets, run=self.run,
+                              reporter=self.reporter, dist=self.dist)
+            if self.dist.is_main:
+                save_safetensors(path, model.state_dict(), _weights_meta(member, self.recipe, self.data))
+                self.run.finish_stage(stage, member.info)
+        model.eval()
+        return member
+
+    def teacher(self) -> Member:
+        t = self.recipe.teacher
+        if t.checkpoint is None:
+            return self._stage("teacher", "teacher", t.arch, dict(t.args), StageTargets(alpha=1.0), t.train)
+        model = self._build(t.arch, dict(t.args), "teacher")
+        state, _ = load_safetensors(Path(t.checkpoint))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not fit teacher '{t.arch}' "
+                              f"{t.args}: {str(e).splitlines()[0]}") from None
+        model.eval()
+        return Member("teacher", "teacher", t.arch, dict(t.args), model,
+                      count_flops(model, self.data.input_shape), {"loaded_from": t.checkpoint, "train_time_s": 0.0})
+
+    def run_all(self) -> list[Member]:
+        r, d = self.recipe, self.recipe.distill
+        specs = [s for s, _ in plan_students(r, self.data.input_shape, self.data.num_classes)]
+        teacher = self.teacher()
+        members = [teacher]
+        teacher_src = _logit_source([teacher.model], self.data, self.cache, self.dist.device)
+        if "chain" in d.strategies:
+            src = teacher_src
+            for i, spec in enumerate(specs):
+                m = self._stage(f"chain/s{i + 1}", "chain", "mamba", spec,
+                                StageTargets(soft=src, temperature=d.temperature, alpha=d.alpha), d.train)
+                members.append(m)
+                if d.chain_source == "previous" and i + 1 < len(specs):
+                    src = _logit_source([m.model], self.data, self.cache, self.dist.device)
+        if "ensemble" in d.strategies:
+            order = specs if d.ensemble_order == "descending" else specs[::-1]
+            done: list[nn.Module] = []
+            for k, spec in enumerate(order):
+                base = _logit_source(done, self.data, self.cache, self.dist.device) if done else None
+                m = self._stage(f"ensemble/e{k + 1}", "ensemble", "mamba", spec,
+                                StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
+                                             alpha=d.alpha, hard_weight=d.ensemble_hard_weight), d.train)
+                members.append(m)
+                done.append(m.model)
+        return members
+
+
+def evaluate_members(members: list[Member], data: Dataset, device="cpu") -> dict:
+    """Test-split metrics for every model and every ensemble prefix (the numbers in metrics.json)."""
+    teacher_flops = members[0].flops.flops
+    logits = {m.stage: predict(eval_mode([m.model]), data, data.test.x, device=device) for m in members}
+    rows = []
+    for m in members:
+        rows.append({
+            "name": m.stage, "role": m.role, "arch": m.arch, "spec": m.spec,
+            "params": m.flops.params, "macs": m.flops.macs, "flops": m.flops.flops,
+            "mflops": m.flops.flops / 1e6, "pct_teacher_flops": 100.0 * m.flops.flops / teacher_flops,
+            "bytes": m.flops.bytes(), "test_acc": accuracy(logits[m.stage], data.test.y),
+            "val_acc": m.info.get("val_acc"), "train_time_s": m.info.get("train_time_s"),
+        })
+    prefixes = []
+    ens = [m for m in members if m.role == "ensemble"]
+    total = None
+    for k, m in enumerate(ens, start=1):
+        total = logits[m.stage] if total is None else total + logits[m.stage]
+        flops = sum(e.flops.flops for e in ens[:k])
+        prefixes.append({
+            "name": f"ensemble[1..{k}]", "members": [e.stage for e in ens[:k]],
+            "params": sum(e.flops.params for e in ens[:k]), "macs": sum(e.flops.macs for e in ens[:k]),
+            "flops": flops, "mflops": flops / 1e6, "pct_teacher_flops": 100.0 * flops / teacher_flops,
+            "test_acc": accuracy(total, data.test.y),
+            "train_time_s": sum(e.info.get("train_time_s") or 0.0 for e in ens[:k]),
+        })
+    return {"models": rows, "ensemble_prefixes": prefixes}

@@ -1,0 +1,211 @@
+"""One training stage: a model learns from labels, optionally from soft targets, optionally on top of the
+frozen logits of an ensemble so far. Resumable per epoch, deterministic, ready for DDP.
+
+Determinism: every random choice (initialisation, batch order, augmentation) is drawn from a generator
+seeded by (recipe seed, stage name, epoch), so a run resumed from its last finished epoch reproduces the
+uninterrupted run exactly; nothing reads or writes torch's global RNG.
+
+DDP-readiness: ``DistContext`` carries rank / world size; each rank takes its shard of the epoch's
+permutation (DistributedSampler's rule) and only rank 0 writes checkpoints or prints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from edgepkd.data import Dataset, augment
+from edgepkd.distill.losses import hardness_weights, kd_loss
+from edgepkd.recipe import TrainConfig
+from edgepkd.rundir import RunDir
+
+Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (train indices, normalised batch) -> (B, K)
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def stage_seed(seed: int, stage: str, epoch: int = -1) -> int:
+    """A stable 63-bit seed for (recipe seed, stage, epoch); epoch -1 is the initialisation."""
+    return (seed * 1_000_003 + zlib.crc32(stage.encode()) * 7919 + (epoch + 1) * 104_729) % (2 ** 63)
+
+
+def init_seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a model with parameters drawn from ``seed`` without disturbing torch's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+class Reporter(Protocol):
+    def stage_start(self, stage: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None: ...
+    def step(self, loss: float) -> None: ...
+    def epoch_end(self, stage: str, epoch: int, epochs: int, stats: dict) -> None: ...
+    def stage_end(self, stage: str) -> None: ...
+
+
+class SilentReporter:
+    def stage_start(self, *a, **k): pass
+    def step(self, *a, **k): pass
+    def epoch_end(self, *a, **k): pass
+    def stage_end(self, *a, **k): pass
+
+
+def epoch_indices(n: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's shard of a seeded permutation of range(n) (DistributedSampler's rule, padded to divide)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    total = math.ceil(n / world_size) * world_size
+    perm = torch.cat([perm, perm[: total - n]])
+    return perm[rank:total:world_size]
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on 1-D parameters (norms, biases, A_log, D) nor position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(("A_log", "pos_embed")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@torch.no_grad()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], data: Dataset, x_uint8: torch.Tensor,
+            batch_size: int = 512, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits of ``fn`` on uint8 images (N, C, H, W), normalised as ``data`` prescribes -> (N, K) on CPU."""
+    out = [fn(data.normalize(x_uint8[i:i + batch_size]).to(device)).float().cpu()
+           for i in range(0, len(x_uint8), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, data.num_classes)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Top-1 accuracy in percent; None for an empty split."""
+    return 100.0 * (logits.argmax(-1) == y).float().mean().item() if len(y) else None
+
+
+def eval_mode(models: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sum of the models' logits, each in eval mode (an ensemble prefix, or one model)."""
+    for m in models:
+        m.eval()
+    return lambda x: sum(m(x) for m in models)
+
+
+@dataclass
+class StageTargets:
+    """What a stage learns from besides labels."""
+
+    soft: Logits | None = None     # teacher / previous student logits
+    base: Logits | None = None     # frozen logits of the ensemble so far (added to the model's output)
+    temperature: float = 4.0
+    alpha: float = 1.0             # 1.0: labels only
+    hard_weight: float = 0.0       # ensemble: sample weight = KL(soft || base) ** hard_weight
+
+
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: int, augment_mode: str,
+        targets: StageTargets, run: RunDir | None, reporter: Reporter | None = None,
+        dist: DistContext | None = None) -> dict:
+    """Train ``model`` for ``cfg.epochs`` epochs, resuming from the stage checkpoint in ``run`` if any.
+
+    Returns {"train_time_s", "history": [per-epoch stats], "val_acc"}.
+    """
+    dist = dist or DistContext()
+    reporter = reporter or SilentReporter()
+    model.to(dist.device)
+    optimizer = make_optimizer(model, cfg)
+    per_rank = math.ceil(len(data.train) / dist.world_size)
+    steps_per_epoch = max(1, per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
+    total_steps = steps_per_epoch * cfg.epochs
+    info = run.load_checkpoint(stage, model, optimizer) if run is not None else None
+    start_epoch = info["epoch"] if info else 0
+    history = info["history"] if info else []
+    train_time = info["train_time_s"] if info else 0.0
+
+    reporter.stage_start(stage, cfg.epochs, steps_per_epoch, start_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: seed it per epoch, locally
+            torch.manual_seed(stage_seed(seed, stage + "/dropout", epoch))
+            stats = _epoch(model, optimizer, data, cfg, stage=stage, seed=seed, epoch=epoch,
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, augment_mode=augment_mode,
+                           targets=targets, reporter=reporter, dist=dist)
+        train_time += stats.pop("train_s")
+        history.append(stats)
+        if run is not None and dist.is_main:
+            run.save_checkpoint(stage, model, optimizer,
+                                {"epoch": epoch + 1, "history": history, "train_time_s": train_time})
+        reporter.epoch_end(stage, epoch + 1, cfg.epochs, stats)
+    reporter.stage_end(stage)
+    model.eval()
+    return {"train_time_s": train_time, "history": history,
+            "val_acc": history[-1]["val_acc"] if history else None}
+
+
+def _epoch(model, optimizer, data: Dataset, cfg: TrainConfig, *, stage: str, seed: int, epoch: int,
+           steps_per_epoch: int, total_steps: int, augment_mode: str, targets: StageTargets,
+           reporter: Reporter, dist: DistContext) -> dict:
+    """One epoch of training then validation; returns its stats (and 'train_s', the training time)."""
+    n = len(data.train)
+    t0 = time.perf_counter()
+    model.train()
+    idx_all = epoch_indices(n, stage_seed(seed, stage, epoch), dist.rank, dist.world_size)
+    gen = torch.Generator().manual_seed(stage_seed(seed, stage + "/augment", epoch))
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step in range(steps_per_epoch):
+        idx = idx_all[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        lr = lr_at(cfg, epoch * steps_per_epoch + step, total_steps, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = data.normalize(augment(data.train.x[idx], augment_mode, gen)).to(dist.device)  # (B, C, H, W)
+        y = data.train.y[idx].to(dist.device)                                              # (B,)
+        with torch.no_grad():
+            soft = targets.soft(idx, x) if targets.soft is not None else None             # (B, K)
+            base = targets.base(idx, x) if targets.base is not None else None             # (B, K)
+            weight = (hardness_weights(soft, base, targets.temperature, targets.hard_weight)
+                      if base is not None and soft is not None and targets.hard_weight > 0 else None)
+        logits = model(x)                                                                  # (B, K)
+        if base is not None:
+            logits = logits + base
+        loss = kd_loss(logits, y, soft, targets.temperature, targets.alpha, cfg.label_smoothing, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(-1) == y).sum().item()
+        seen += len(idx)
+        reporter.step(loss.item())
+    train_s = time.perf_counter() - t0
+    model.eval()
+    base_fn = targets.base
+    val_logits = predict(model, data, data.val.x, device=dist.device)
+    if base_fn is not None:
+        val_logits = val_logits + predict(lambda x: base_fn(None, x), data, data.val.x, device=dist.device)
+    return {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen),
+            "val_acc": accuracy(val_logits, data.val.y), "lr": lr, "time_s": time.perf_counter() - t0,
+            "train_s": train_s}

@@ -1,0 +1,1 @@
+"""Measurement: analytic FLOPs / parameters / bytes (``flops``); device latency and memory come later."""

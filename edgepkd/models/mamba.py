@@ -1,0 +1,141 @@
+"""Mamba students for image classification, in pure PyTorch.
+
+    image (B, C, H, W) -> patch embedding -> + position -> depth x [x + Mixer(LayerNorm(x))]
+          -> LayerNorm -> mean over patches -> Linear head
+
+Mixer (Mamba, Gu & Dao 2023): in_proj -> (x, z); x -> depthwise causal conv1d -> SiLU -> x_proj -> (dt, B, C);
+dt -> dt_proj; selective scan(x, dt, A, B, C, D) * SiLU(z) -> out_proj. With ``bidirectional`` (as in
+Vision Mamba) a second conv/x_proj/dt_proj/A/D branch scans the reversed sequence and the two outputs add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgepkd.models.scan import get_scan, resolve_backend
+
+
+class SSMBranch(nn.Module):
+    """Conv + selective scan over one direction of the sequence. Its scan FLOPs are reported by ``scan_flops``."""
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1):
+        super().__init__()
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)  # causal: left padding in forward
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        # Mamba's initialisation: dt = softplus(bias) log-uniform in [dt_min, dt_max], A = -(1..N) per channel.
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.scan_backend = "auto"
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # x, z: (B, d_inner, L)
+        x = F.pad(x, (self.conv1d.kernel_size[0] - 1, 0))                   # (B, d_inner, L + d_conv - 1)
+        x = F.silu(self.conv1d(x))                                          # (B, d_inner, L) causal
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (B, L, R), (B, L, N), (B, L, N)
+        dt = self.dt_proj(dt).transpose(1, 2)                               # (B, d_inner, L)
+        A = -torch.exp(self.A_log.float())                                  # (d_inner, N)
+        scan = get_scan(resolve_backend(self.scan_backend, x.device))
+        return scan(x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                    self.D.float(), z=z, delta_softplus=True)               # (B, d_inner, L)
+
+    def scan_flops(self, length: int) -> int:
+        """Selective-scan FLOPs per sample: 9·L·D·N (VMamba's ``flops_selective_scan_ref`` convention,
+        derived from the Mamba reference) + L·D for the D skip + L·D for the z gate."""
+        return 9 * length * self.d_inner * self.d_state + 2 * length * self.d_inner
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, d_model: int, d_state: int, expand: int, d_conv: int, dt_rank: int, bidirectional: bool):
+        super().__init__()
+        d_inner = expand * d_model
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.fwd = SSMBranch(d_inner, d_state, d_conv, dt_rank)
+        self.bwd = SSMBranch(d_inner, d_state, d_conv, dt_rank) if bidirectional else None
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                     # x: (B, L, d_model)
+        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)              # (B, d_inner, L) each
+        y = self.fwd(x, z)                                                  # (B, d_inner, L)
+        if self.bwd is not None:
+            y = y + self.bwd(x.flip(-1), z.flip(-1)).flip(-1)
+        return self.out_proj(y.transpose(1, 2))                             # (B, L, d_model)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, d_model: int, **mixer):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mixer = MambaMixer(d_model, **mixer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+class MambaStudent(nn.Module):
+    """A Mamba image classifier; ``spec`` is the architecture dict (a ``StudentSpec`` as plain data)."""
+
+    def __init__(self, num_classes: int, in_chans: int, image_size: int, d_model: int, depth: int = 1,
+                 d_state: int = 8, expand: int = 2, d_conv: int = 4, patch_size: int = 2,
+                 bidirectional: bool = False, dt_rank: int | None = None):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+        self.spec = dict(d_model=d_model, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
+                         patch_size=patch_size, bidirectional=bidirectional, dt_rank=dt_rank)
+        self.num_classes, self.num_features = num_classes, d_model
+        self.seq_len = (image_size // patch_size) ** 2
+        dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.patch_embed = nn.Conv2d(in_chans, d_model, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.seq_len, d_model) * 0.02)
+        self.blocks = nn.ModuleList(
+            MambaBlock(d_model, d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank,
+                       bidirectional=bidirectional) for _ in range(depth))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:           # x: (B, C, H, W)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, d_model)
+        for block in self.blocks:
+            x = block(x)                                                    # (B, L, d_model)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)                                                   # (B, d_model)
+        return x if pre_logits else self.head(x)                            # (B, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def set_scan_backend(model: nn.Module, name: str) -> None:
+    """Use scan backend ``name`` ('auto', 'torch', 'mamba_ssm') in every SSM branch of ``model``."""
+    resolve_backend(name, "cpu")  # validates the name
+    for m in model.modules():
+        if isinstance(m, SSMBranch):
+            m.scan_backend = name
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module):
+    """Force the exportable pure-PyTorch scan inside the block, restoring each branch's backend after."""
+    branches = [m for m in model.modules() if isinstance(m, SSMBranch)]
+    saved = [m.scan_backend for m in branches]
+    for m in branches:
+        m.scan_backend = "torch"
+    try:
+        yield model
+    finally:
+        for m, name in zip(branches, saved):
+            m.scan_backend = name

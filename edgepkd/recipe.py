@@ -1,0 +1,192 @@
+"""Recipes: a whole distillation run in one YAML file, loaded into these dataclasses.
+
+The defaults of ``Recipe()`` *are* the embedded demo (scikit-learn's 8x8 digits, offline);
+``recipes/digits.yaml`` spells them out and a test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgepkd.config import apply_overrides, check, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class SyntheticConfig:
+    """Class-conditional random patterns (dataset ``synthetic``), for tests."""
+
+    num_samples: int = 600       # total, split into train/val/test like any dataset
+    num_classes: int = 4
+    image_size: int = 8
+    channels: int = 1
+    noise: float = 0.35          # pixel noise relative to the pattern amplitude
+
+    def __post_init__(self):
+        check(self.num_samples >= 20, "num_samples", "must be at least 20")
+        check(self.num_classes >= 2, "num_classes", "must be at least 2")
+        check(self.image_size >= 2, "image_size", "must be at least 2")
+        check(self.channels in (1, 3), "channels", "must be 1 or 3")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"            # digits | mnist | cifar10 | imagefolder:PATH | synthetic
+    val_fraction: float = 0.1          # held out of the training set (accuracy for model selection)
+    test_fraction: float = 0.2         # only for datasets without an official test split
+    image_size: int | None = None      # resize to this (imagefolder); None keeps the native size
+    mean: list[float] | None = None    # per channel, in [0, 1] units; None: computed on the train split
+    std: list[float] | None = None
+    augment: Literal["none", "crop", "crop_flip"] = "none"  # random 'crop' (pad 1/8 of the size), +horizontal flip
+    train_limit: int | None = None     # use only the first N training images (quick checks)
+    download: bool = True              # mnist / cifar10: try torchvision's download when files are missing
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        check(0.0 <= self.val_fraction < 0.5, "val_fraction", "must be in [0, 0.5)")
+        check(0.0 < self.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
+        check(self.image_size is None or self.image_size >= 4, "image_size", "must be at least 4")
+        check(self.train_limit is None or self.train_limit >= 10, "train_limit", "must be at least 10")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            check(v is None or len(v) in (1, 3), name, "must list 1 or 3 values (one per channel)")
+        check(self.std is None or all(s > 0 for s in self.std), "std", "values must be positive")
+        check((self.mean is None) == (self.std is None), "std", "give both mean and std, or neither")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9              # sgd only
+    schedule: Literal["cosine", "constant"] = "cosine"  # per step, after warmup
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = 1.0      # max global grad norm; null disables
+
+    def __post_init__(self):
+        check(self.epochs >= 1, "epochs", "must be at least 1")
+        check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        check(self.lr > 0, "lr", "must be positive")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive or null")
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "cnn"                         # a registered teacher: `edgepkd list teachers`
+    args: dict[str, Any] = field(default_factory=lambda: {"width": 32})  # keyword arguments of the builder
+    checkpoint: str | None = None             # safetensors weights to load instead of training
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=3e-3, weight_decay=0.05))
+
+
+@dataclass
+class StudentSpec:
+    """One Mamba student: patch embedding -> ``depth`` residual Mamba blocks -> mean pool -> head."""
+
+    d_model: int
+    depth: int = 1
+    d_state: int = 8
+    expand: int = 2
+    d_conv: int = 4
+    patch_size: int = 2
+    bidirectional: bool = False
+    dt_rank: int | None = None        # None: ceil(d_model / 16), as in Mamba
+
+    def __post_init__(self):
+        for name in ("d_model", "depth", "d_state", "expand", "d_conv", "patch_size"):
+            check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be at least 1 or null")
+
+
+@dataclass
+class ProgressionConfig:
+    """Generate students: each about ``flops_ratio`` times the FLOPs of the previous one."""
+
+    start: StudentSpec = field(default_factory=lambda: StudentSpec(d_model=32, depth=2))
+    count: int = 4
+    flops_ratio: float = 0.5
+    min_d_model: int = 4
+
+    def __post_init__(self):
+        check(self.count >= 1, "count", "must be at least 1")
+        check(0.05 <= self.flops_ratio < 1.0, "flops_ratio", "must be in [0.05, 1)")
+        check(self.min_d_model >= 1, "min_d_model", "must be at least 1")
+
+
+@dataclass
+class StudentsConfig:
+    """Either an explicit list of ``sizes`` (largest first) or a ``progression`` rule."""
+
+    sizes: list[StudentSpec] | None = None
+    progression: ProgressionConfig | None = None
+
+    def __post_init__(self):
+        check((self.sizes is None) != (self.progression is None), "sizes",
+              "give exactly one of 'sizes' (a list of students) or 'progression' (a rule)")
+        check(self.sizes is None or len(self.sizes) >= 1, "sizes", "must list at least one student")
+
+
+@dataclass
+class DistillConfig:
+    strategies: list[Literal["chain", "ensemble"]] = field(default_factory=lambda: ["chain", "ensemble"])
+    chain_source: Literal["previous", "teacher"] = "previous"  # chain: learn from the previous student or the teacher
+    temperature: float = 4.0
+    alpha: float = 0.3                 # weight of the label loss; 1 - alpha goes to the distillation term
+    ensemble_order: Literal["ascending", "descending"] = "ascending"  # smallest first: prefixes grow in cost (anytime)
+    ensemble_hard_weight: float = 1.0  # samples weigh KL(teacher || ensemble so far) ** this; 0 = uniform
+    cache_teacher: bool = True         # compute teacher logits once (only when augment is 'none')
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=5e-3, weight_decay=0.01))
+
+    def __post_init__(self):
+        check(len(self.strategies) >= 1, "strategies", "must name at least one of chain, ensemble")
+        check(len(set(self.strategies)) == len(self.strategies), "strategies", "lists a strategy twice")
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        check(self.ensemble_hard_weight >= 0, "ensemble_hard_weight", "must be >= 0")
+
+
+def _demo_students() -> StudentsConfig:
+    return StudentsConfig(sizes=[
+        StudentSpec(d_model=32, depth=2, d_state=8),
+        StudentSpec(d_model=24, depth=1, d_state=8),
+        StudentSpec(d_model=16, depth=1, d_state=4),
+        StudentSpec(d_model=8, depth=1, d_state=4),
+    ])
+
+
+@dataclass
+class Recipe:
+    name: str = "digits"
+    seed: int = 0
+    scan_backend: str = "auto"        # auto | torch | mamba_ssm (`edgepkd list scan-backends`)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    students: StudentsConfig = field(default_factory=_demo_students)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self):
+        check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
+              "must be a plain directory name (no '/', not starting with '.')")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Load ``path`` (or the embedded demo when None), apply ``--set`` overrides, validate everything."""
+    raw = load_yaml(path) if path is not None else to_dict(Recipe())
+    source = str(path) if path is not None else "<demo recipe>"
+    if overrides:
+        if not isinstance(raw, dict):
+            raw = {}
+        raw = apply_overrides(raw, list(overrides), source)
+        source += " (with --set)"
+    return from_dict(Recipe, raw, source=source)
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    return to_dict(recipe)

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from edgepkd.cli import main
+from edgepkd.rundir import RunDir, load_safetensors
+
+pytestmark = pytest.mark.slow
+
+
+def distill(recipe, out, *extra):
+    return main(["distill", str(recipe), "--out", str(out), "--quiet", *extra])
+
+
+def test_end_to_end_synthetic_run_directory(tiny_recipe, tmp_path, capsys):
+    assert distill(tiny_recipe, tmp_path / "runs", "--json") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    run = tmp_path / "runs" / "tiny"
+    for name in ("recipe.yaml", "state.json", "metrics.json", "report.md", "accuracy_vs_mflops.png"):
+        assert (run / name).is_file(), name
+    assert (run / "accuracy_vs_mflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((run / "checkpoints").glob("*")), "finished stages leave no checkpoints"
+    names = [m["name"] for m in metrics["models"]]
+    assert names == ["teacher", "chain/s1", "chain/s2", "ensemble/e1", "ensemble/e2"]
+    for stage in names:
+        tensors, meta = load_safetensors(RunDir(run).weights_path(stage))
+        assert meta["stage"] == stage and meta["classes"] == ["class0", "class1", "class2", "class3"]
+        assert meta["preprocessing"]["input_shape"] == [1, 8, 8]
+    chain = [m for m in metrics["models"] if m["role"] == "chain"]
+    assert chain[0]["macs"] > chain[1]["macs"] and chain[0]["flops"] > chain[1]["flops"]
+    assert [p["name"] for p in metrics["ensemble_prefixes"]] == ["ensemble[1..1]", "ensemble[1..2]"]
+    teacher = metrics["models"][0]
+    assert teacher["pct_teacher_flops"] == 100.0 and teacher["test_acc"] > 60  # 4 classes: chance is 25%
+    for m in metrics["models"] + metrics["ensemble_prefixes"]:
+        assert 0 <= m["test_acc"] <= 100 and m["params"] > 0 and m["flops"] > 0
+    report = (run / "report.md").read_text()
+    for m in metrics["models"]:
+        assert f"| {m['name']} |" in report
+    assert "ensemble[1..2]" in report and "% teacher FLOPs" in report
+    # evaluate re-derives every number from the saved weights
+    assert main(["evaluate", str(run)]) == 0
+
+
+def test_refuses_to_overwrite_and_resume_needs_a_run(tiny_recipe, tmp_path, capsys):
+    assert distill(tiny_recipe, tmp_path / "runs", "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert distill(tiny_recipe, tmp_path / "runs") == 0
+    before = (tmp_path / "runs" / "tiny" / "metrics.json").read_bytes()
+    assert distill(tiny_recipe, tmp_path / "runs") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert distill(tiny_recipe, tmp_path / "runs", "--resume", "--set", "distill.alpha=0.9") == 2
+    assert "different recipe (distill.alpha" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "tiny" / "metrics.json").read_bytes() == before
+
+
+def test_resume_after_interruption_gives_the_same_final_metrics(tiny_recipe, tmp_path, monkeypatch):
+    assert distill(tiny_recipe, tmp_path / "straight") == 0
+
+    calls = {"n": 0}
+    original = RunDir.save_checkpoint
+
+    def interrupt_after_some_epochs(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 10:  # teacher has 5 epochs, chain/s1 3: this is epoch 2 of chain/s2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", interrupt_after_some_epochs)
+    assert distill(tiny_recipe, tmp_path / "resumed") == 130
+    run = RunDir(tmp_path / "resumed" / "tiny")
+    assert set(run.state()["stages"]) == {"teacher", "chain/s1"}
+    assert run.checkpoint_path("chain/s2").exists()
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    assert distill(tiny_recipe, tmp_path / "resumed", "--resume") == 0
+
+    a = json.loads((tmp_path / "straight" / "tiny" / "metrics.json").read_text())
+    b = json.loads(run.metrics_path.read_text())
+    for ra, rb in zip(a["models"] + a["ensemble_prefixes"], b["models"] + b["ensemble_prefixes"]):
+        assert (ra["name"], ra["test_acc"], ra["val_acc"] if "val_acc" in ra else None) == \
+               (rb["name"], rb["test_acc"], rb["val_acc"] if "val_acc" in rb else None)
+    wa, _ = load_safetensors(RunDir(tmp_path / "straight" / "tiny").weights_path("ensemble/e2"))
+    wb, _ = load_safetensors(run.weights_path("ensemble/e2"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ from the uninterrupted run"
+
+
+def test_chain_from_teacher_and_ensemble_descending(tiny_recipe, tmp_path, capsys):
+    assert distill(tiny_recipe, tmp_path / "runs", "--json", "--set", "distill.chain_source=teacher",
+                   "--set", "distill.ensemble_order=descending", "--set", "distill.train.epochs=1",
+                   "--set", "teacher.train.epochs=1") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    ens = [m for m in metrics["models"] if m["role"] == "ensemble"]
+    assert ens[0]["flops"] > ens[1]["flops"]  # descending: the largest student first
+
+
+def test_progression_rule_halves_flops(tiny_recipe, tmp_path, capsys):
+    assert distill(tiny_recipe, tmp_path / "runs", "--dry-run", "--json",
+                   "--set", "students.sizes=null",
+                   "--set", "students.progression={start: {d_model: 32, depth: 2, d_state: 8}, count: 4}") == 0
+    plan = json.loads(capsys.readouterr().out)["students"]
+    flops = [s["mflops"] for s in plan]
+    assert len(flops) == 4 and all(b < a for a, b in zip(flops, flops[1:]))
+    assert all(0.3 < b / a < 0.75 for a, b in zip(flops, flops[1:])), flops
+    macs = [s["macs"] for s in plan]
+    assert all(b < a for a, b in zip(macs, macs[1:]))
+
+
+def test_students_must_shrink(tiny_recipe, tmp_path, capsys):
+    code = distill(tiny_recipe, tmp_path / "runs", "--dry-run", "--set", "students.sizes.1.d_model=32")
+    assert code == 2
+    assert "students.sizes.1:" in capsys.readouterr().err

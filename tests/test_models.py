@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from edgepkd.errors import ConfigError
+from edgepkd.models import STUDENTS, TEACHERS, MambaStudent, build_teacher, export_mode, set_scan_backend
+from edgepkd.models.mamba import SSMBranch
+
+SHAPES = [(1, 8), (3, 32)]  # (channels, image size): digits-like and CIFAR-like
+
+
+@pytest.mark.parametrize("name", STUDENTS.names())
+@pytest.mark.parametrize("chans, size", SHAPES)
+def test_every_registered_student_forward_backward(name, chans, size):
+    model = STUDENTS.get(name)(num_classes=10, in_chans=chans, image_size=size, patch_size=4)
+    x = torch.randn(2, chans, size, size)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, (size // 4) ** 2, model.num_features)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", TEACHERS.names())
+@pytest.mark.parametrize("chans, size", SHAPES)
+def test_every_registered_teacher_forward(name, chans, size):
+    model = build_teacher(name, {}, 10, chans, size)
+    out = model(torch.randn(2, chans, size, size))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+
+
+def test_resnet8_is_the_mlperf_tiny_reference_size():
+    from edgepkd.measure.flops import count_flops
+
+    report = count_flops(build_teacher("resnet8", {}, 10, 3, 32), (3, 32, 32))
+    assert 77_000 <= report.params <= 80_000       # MLPerf Tiny: ~78k parameters
+    assert 12.0e6 <= report.macs <= 13.0e6          # MLPerf Tiny: ~12.5M MACs
+
+
+def test_student_is_causal_per_direction_and_bidirectional_sees_the_future():
+    torch.manual_seed(0)
+    for bidir, expect_change in ((False, False), (True, True)):
+        model = MambaStudent(4, 1, 8, d_model=8, depth=1, d_state=2, patch_size=2, bidirectional=bidir).eval()
+        tokens = torch.randn(1, 16, 8)
+        mixer = model.blocks[0].mixer
+        base = mixer(tokens)
+        changed = tokens.clone()
+        changed[:, -1] += 1.0   # perturb the last position only
+        delta = (mixer(changed) - base)[:, :-1].abs().max().item()
+        assert (delta > 1e-6) == expect_change, (bidir, delta)
+
+
+def test_patch_must_divide_image():
+    with pytest.raises(ValueError, match="does not divide"):
+        MambaStudent(10, 1, 8, d_model=8, patch_size=3)
+
+
+def test_teacher_args_checked():
+    with pytest.raises(ConfigError, match="teacher.args.depth: not an argument of teacher 'cnn'"):
+        build_teacher("cnn", {"depth": 3}, 10, 1, 8)
+
+
+def test_export_mode_forces_torch_scan_and_restores():
+    model = MambaStudent(10, 1, 8, d_model=8, depth=2)
+    set_scan_backend(model, "auto")
+    with export_mode(model):
+        assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"torch"}
+    assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"auto"}
+    with pytest.raises(ConfigError, match="unknown scan backend"):
+        set_scan_backend(model, "cuda")
