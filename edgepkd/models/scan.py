@@ -10,17 +10,23 @@ ungrouped B/C):
     D: r(D) | None   z: r(B D L) | None   delta_bias: r(D) | None
     returns out: r(B D L)  [, last_state: r(B D N)]
 
+Every backend computes in fp32 and casts back, like mamba's ``selective_scan_ref``.
 Backends (`edgepkd list scan-backends`):
-    torch      pure PyTorch, step by step over L: the reference, exportable (L fixed at export),
-               the default on CPU. Computes in fp32 and casts back, like mamba's selective_scan_ref.
-    mamba_ssm  the CUDA kernel of the mamba-ssm package (extra ``cuda``); chosen by ``auto`` when the
-               input is on a GPU and the package imports.
+    torch      pure PyTorch, one step per position: the reference, and the exportable form (L fixed at export).
+    chunked    pure PyTorch two-level scan (~2·sqrt(L) sequential steps) with a hand-written backward.
+    cpp        the O(B·D·L·N) core in a small C++ kernel (csrc/), compiled on first use; falls back to 'chunked'.
+               ``auto`` picks it on CPU.
+    mamba_ssm  the CUDA kernel of the mamba-ssm package (extra ``cuda``); ``auto`` picks it for GPU inputs
+               when the package imports, else falls back with a one-line notice.
+Tests check each backend against the reference, forward and gradients.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,32 +40,157 @@ log = logging.getLogger(__name__)
 SCAN_BACKENDS: Registry[Callable] = Registry("scan backend")
 
 
+def _step_size(delta, delta_bias, delta_softplus) -> torch.Tensor:
+    """fp32 step size dt = softplus?(delta + delta_bias): (B, D, L)."""
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _skip_and_gate(y, u, D, z, dtype) -> torch.Tensor:
+    """out = (y + D·u) * silu(z), cast back to the input dtype: (B, D, L)."""
+    if D is not None:
+        y = y + u.float() * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
 @SCAN_BACKENDS.register("torch")
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
     """Reference selective scan in pure PyTorch (one step per position; only elementwise ops)."""
-    dtype_in = u.dtype
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]                    # (B, D, L)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    dt = _step_size(delta, delta_bias, delta_softplus)                  # (B, D, L)
     batch, dim, length = u.shape
-    dA = torch.exp(delta.unsqueeze(-1) * A.float()[:, None, :])         # (B, D, L, N)
-    dBu = (delta * u).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(1)  # (B, D, L, N)
+    dA = torch.exp(dt.unsqueeze(-1) * A.float()[:, None, :])            # (B, D, L, N)
+    dBu = (dt * u.float()).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(1)  # (B, D, L, N)
     Ct = C.float().transpose(1, 2).unsqueeze(1)                         # (B, 1, L, N)
-    h = u.new_zeros(batch, dim, A.shape[-1])                            # (B, D, N)
+    h = dt.new_zeros(batch, dim, A.shape[-1])                           # (B, D, N)
     ys = []
     for t in range(length):
         h = dA[:, :, t] * h + dBu[:, :, t]                              # (B, D, N)
         ys.append((h * Ct[:, :, t]).sum(-1))                            # (B, D)
-    out = torch.stack(ys, dim=-1)                                       # (B, D, L)
-    if D is not None:
-        out = out + u * D.float()[:, None]
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(dtype_in)
+    out = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z, u.dtype)     # (B, D, L)
     return (out, h) if return_last_state else out
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """h_t = a_t * h_{t-1} + x_t along dim 0 (h_{-1} = 0), with a hand-written backward.
+
+    One fused ``addcmul`` per step in each direction. Backward is the reverse recurrence
+    g_t = dh_t + a_{t+1} * g_{t+1}, then da_t = g_t * h_{t-1} and dx_t = g_t.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # a, x: (T, ...) contiguous
+        h = torch.empty_like(x)                                            # (T, ...)
+        h[0] = x[0]
+        for t in range(1, x.shape[0]):
+            torch.addcmul(x[t], a[t], h[t - 1], out=h[t])
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        a, h = ctx.saved_tensors
+        dh = dh.contiguous()
+        g = torch.empty_like(dh)                                           # (T, ...) dLoss/dh_t, all paths
+        g[-1] = dh[-1]
+        for t in range(dh.shape[0] - 2, -1, -1):
+            torch.addcmul(dh[t], a[t + 1], g[t + 1], out=g[t])
+        da = torch.zeros_like(a)
+        da[1:] = g[1:] * h[:-1]
+        return da, g
+
+
+def _two_level_scan(log_a: torch.Tensor, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """All states of h_t = exp(log_a_t) * h_{t-1} + x_t along dim 0, in chunk + L/chunk sequential steps.
+
+    log_a, x: (L, ...). Inside each chunk the recurrence runs from zero for all chunks at once; a second
+    recurrence over chunk ends carries the state across chunks; each position then adds the carried state
+    decayed by exp(cumsum(log_a)) within its chunk (a sum of non-positive logs: no overflow; underflow to 0
+    is the true decay).
+    """
+    length = x.shape[0]
+    if chunk >= length:
+        return _LinearRecurrence.apply(torch.exp(log_a), x)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:  # zero input and zero log-decay (a = 1) past the end: earlier positions are unaffected
+        log_a = F.pad(log_a, (0, 0) * (log_a.dim() - 1) + (0, pad))
+        x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad))
+    rest = x.shape[1:]
+    la = log_a.reshape(n_chunks, chunk, *rest).transpose(0, 1).contiguous()   # (c, nc, ...)
+    xc = x.reshape(n_chunks, chunk, *rest).transpose(0, 1).contiguous()       # (c, nc, ...)
+    local = _LinearRecurrence.apply(torch.exp(la), xc)                         # (c, nc, ...) zero-init per chunk
+    decay = torch.exp(torch.cumsum(la, dim=0))                                 # (c, nc, ...) prod of a up to t
+    carry = _LinearRecurrence.apply(decay[-1], local[-1])                      # (nc, ...) state at chunk ends
+    prev = torch.cat([torch.zeros_like(carry[:1]), carry[:-1]])                # (nc, ...) state entering chunk
+    h = local + decay * prev.unsqueeze(0)                                      # (c, nc, ...)
+    return h.transpose(0, 1).reshape(n_chunks * chunk, *rest)[:length]         # (L, ...)
+
+
+@SCAN_BACKENDS.register("chunked")
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, chunk: int | None = None):
+    """The reference's math as a two-level scan with hand-written backward for the sequential parts.
+
+    Pure PyTorch, any device. Not traceable for export (in-place writes); ``export_mode`` switches to 'torch'.
+    """
+    dt = _step_size(delta, delta_bias, delta_softplus).permute(2, 0, 1).unsqueeze(-1)  # (L, B, D, 1)
+    length = u.shape[-1]
+    log_a = dt * A.float()                                                 # (L, B, D, N)
+    x = (dt * u.float().permute(2, 0, 1).unsqueeze(-1)) * B.float().permute(2, 0, 1).unsqueeze(2)  # (L, B, D, N)
+    h = _two_level_scan(log_a, x, chunk or math.isqrt(length - 1) + 1)    # (L, B, D, N)
+    y = (h * C.float().permute(2, 0, 1).unsqueeze(2)).sum(-1).permute(1, 2, 0)  # (B, D, L)
+    out = _skip_and_gate(y, u, D, z, u.dtype)
+    return (out, h[-1]) if return_last_state else out
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_kernel():
+    """edgepkd's C++ scan (csrc/selective_scan_cpu.cpp), compiled on first use and cached by torch
+    (~/.cache/torch_extensions); None, with the reason logged once, when it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        src = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+        return load(name="edgepkd_selective_scan_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, no headers...
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+        log.warning("could not build the C++ scan kernel (%s: %s); using the 'chunked' scan",
+                    type(e).__name__, reason)
+        return None
+
+
+class _CpuScanCore(torch.autograd.Function):
+    """y = <C, h> with h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, in C++ (backward recomputes the states)."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):  # u, dt: (B, D, L); A: (D, N); B, C: (B, N, L); fp32, contiguous
+        ctx.save_for_backward(u, dt, A, B, C)
+        return _cpu_kernel().forward(u, dt, A, B, C)                       # (B, D, L)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return tuple(_cpu_kernel().backward(*ctx.saved_tensors, dy.contiguous()))
+
+
+@SCAN_BACKENDS.register("cpp")
+def selective_scan_cpp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The scan's core in C++ (CPU, fp32), built on first use with torch's cpp_extension (needs a C++
+    compiler and ninja); 'chunked' serves what it does not (no kernel, GPU tensors, return_last_state).
+    Keeps no states between forward and backward. Not exportable; ``export_mode`` switches to 'torch'.
+    """
+    if return_last_state or u.device.type != "cpu" or _cpu_kernel() is None:
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dt = _step_size(delta, delta_bias, delta_softplus).contiguous()       # (B, D, L)
+    y = _CpuScanCore.apply(u.float().contiguous(), dt, A.float().contiguous(), B.float().contiguous(),
+                           C.float().contiguous())                         # (B, D, L)
+    return _skip_and_gate(y, u, D, z, u.dtype)
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,7 +199,7 @@ def _mamba_ssm_fn() -> Callable | None:
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as e:  # ImportError, or the missing compiled extension raising at import
-        log.warning("mamba-ssm CUDA kernel unavailable (%s: %s); using the 'torch' scan",
+        log.warning("mamba-ssm CUDA kernel unavailable (%s: %s); using the 'chunked' scan",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
     return selective_scan_fn
@@ -81,7 +212,7 @@ def selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     fn = _mamba_ssm_fn()
     if fn is None:
         raise ConfigError("scan backend 'mamba_ssm' needs the mamba-ssm CUDA kernel: "
-                          "pip install 'edgepkd[cuda]' on a machine with CUDA, or use scan_backend: torch")
+                          "pip install 'edgepkd[cuda]' on a machine with CUDA, or use scan_backend: auto")
     return fn(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
               D=D, z=None if z is None else z.contiguous(), delta_bias=delta_bias,
               delta_softplus=delta_softplus, return_last_state=return_last_state)
@@ -92,9 +223,9 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name != "auto":
         SCAN_BACKENDS.get(name)
         return name
-    if torch.device(device).type == "cuda" and _mamba_ssm_fn() is not None:
-        return "mamba_ssm"
-    return "torch"
+    if torch.device(device).type == "cuda":
+        return "mamba_ssm" if _mamba_ssm_fn() is not None else "chunked"
+    return "cpp"
 
 
 def get_scan(name: str) -> Callable:
