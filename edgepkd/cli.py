@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from edgepkd import __version__
-from edgepkd.errors import EdgepkdError
+from edgepkd.errors import ConfigError, EdgepkdError
 
 EXAMPLES = """\
 examples:
@@ -20,6 +20,8 @@ examples:
   edgepkd distill recipes/mnist.yaml --set distill.train.epochs=2 --set teacher.train.epochs=1 --name mnist-quick
   edgepkd distill recipes/cifar10.yaml --dry-run  students and their FLOPs, without training
   edgepkd distill recipes/mnist.yaml --resume    continue an interrupted run from its last finished epoch
+  edgepkd export runs/digits --target onnx-int8  quantize, export and verify every student
+  edgepkd export --list-targets
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
   edgepkd list teachers
 
@@ -63,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "Ctrl-C leaves a checkpoint; --resume continues from the last finished epoch.")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see recipes/)")
     _add_run_args(p)
+
+    p = sub.add_parser("export", help="export a run's students to ONNX / TFLite / PyTorch, quantized and verified",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Export every student and ensemble prefix of RUN (or --model NAME) for a target "
+                       "(export/*.yaml), verify each artifact in its own runtime on the test split against the "
+                       "PyTorch fp32 model, and write RUN/export/TARGET/ with the artifacts and manifest.json.\n"
+                       "Verification fails by default when the target's tolerance is missed (fp32: max |logit "
+                       "diff|; int8: accuracy drop); nothing is written for a failed model.")
+    p.add_argument("run", metavar="RUN", nargs="?", help="run directory, e.g. runs/digits")
+    p.add_argument("--target", action="append", default=[], metavar="NAME",
+                   help="export target (repeatable); see --list-targets")
+    p.add_argument("--model", metavar="NAME", help="export only this model (e.g. chain/s2, ensemble[1..3], teacher)")
+    p.add_argument("--list-targets", action="store_true", help="list the export targets and exit")
+    p.add_argument("--targets-dir", action="append", default=[], metavar="DIR",
+                   help="another folder of target YAML files (./export/ is always read)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (says loudly that nothing was "
+                   "checked; the manifest records it)")
+    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+    p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
 
     p = sub.add_parser("evaluate", help="re-evaluate a run's saved weights on its test split",
                        description="Rebuild every model of RUN from its safetensors file, evaluate it on the test "
@@ -123,7 +144,6 @@ def _distill(recipe_path: str | None, args) -> int:
     from edgepkd.config import to_dict
     from edgepkd.data import load_dataset
     from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
-    from edgepkd.errors import ConfigError
     from edgepkd.distill.trainer import DistContext
     from edgepkd.models.scan import resolve_backend
     from edgepkd.progress import RichReporter
@@ -243,6 +263,36 @@ def cmd_evaluate(args) -> int:
     return 0 if worst < 1e-6 else 1
 
 
+def cmd_export(args) -> int:
+    from edgepkd.compress.targets import load_targets
+
+    targets = load_targets(args.targets_dir)
+    if args.list_targets:
+        for name, t in targets.items():
+            print(f"{name:<14} {t.format:<7} {t.precision:<5} {t.description}")
+        return 0
+    if not args.run:
+        raise ConfigError("export: give a run directory (e.g. edgepkd export runs/digits --target onnx-fp32)")
+    if not args.target:
+        raise ConfigError(f"export: give --target NAME (targets: {', '.join(targets.names())})")
+    chosen = [targets.get(name) for name in args.target]
+    from edgepkd.compress.export import export_run
+
+    if args.no_verify:
+        print("edgepkd: WARNING: --no-verify: the exported files are NOT checked against PyTorch; "
+              "the manifest marks them unverified", file=sys.stderr)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    entries = []
+    for target in chosen:
+        log(f"{target.name}: exporting {args.run}")
+        entries += export_run(args.run, target, model=args.model, do_verify=not args.no_verify,
+                              data_dir=args.data_dir, log=log)
+        log(f"  manifest: {args.run}/export/{target.name}/manifest.json")
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    return 0
+
+
 def cmd_report(args) -> int:
     from edgepkd.errors import RunError
     from edgepkd.report import load_metrics, write_report
@@ -271,5 +321,5 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "evaluate": cmd_evaluate, "report": cmd_report,
-            "list": cmd_list}
+COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "export": cmd_export, "evaluate": cmd_evaluate,
+            "report": cmd_report, "list": cmd_list}

@@ -67,6 +67,11 @@ def test_export_mode_forces_torch_scan_and_restores():
     set_scan_backend(model, "auto")
     with export_mode(model):
         assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"torch"}
+    with export_mode(model, scan="closed"):
+        assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"closed"}
+    with pytest.raises(ValueError, match="not exportable"):
+        with export_mode(model, scan="cpp"):
+            pass
     assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"auto"}
     with pytest.raises(ConfigError, match="unknown scan backend"):
         set_scan_backend(model, "cuda")

@@ -67,7 +67,7 @@ def run_with_grads(name, x, grad_out, **kw):
     return out.detach(), {k: v.grad for k, v in inp.items()}
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "cpp", "closed"])
 @pytest.mark.parametrize("length", [1, 2, 7, 16, 49, 50, 64, 97])
 def test_fast_backends_match_reference_forward_and_gradients(backend, length):
     x = scan_inputs(batch=3, dim=6, length=length, n=5, seed=length)
@@ -97,7 +97,7 @@ def test_chunked_survives_strong_decay_without_nan():
     x = scan_inputs(length=64)
     x["A"] = x["A"] * 200.0  # exp(cumsum) underflows to 0 within a chunk: must stay finite and correct
     ref = selective_scan_torch(**x, delta_softplus=True)
-    for name in ("chunked", "cpp"):
+    for name in ("chunked", "cpp", "closed"):
         out = SCAN_BACKENDS.get(name)(**x, delta_softplus=True)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

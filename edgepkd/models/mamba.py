@@ -127,13 +127,19 @@ def set_scan_backend(model: nn.Module, name: str) -> None:
             m.scan_backend = name
 
 
+EXPORTABLE_SCANS = ("torch", "closed")
+
+
 @contextlib.contextmanager
-def export_mode(model: nn.Module):
-    """Force the exportable pure-PyTorch scan inside the block, restoring each branch's backend after."""
+def export_mode(model: nn.Module, scan: str = "torch"):
+    """Use an exportable pure-PyTorch scan (the step-loop reference 'torch', or 'closed') in every branch,
+    restoring each branch's backend afterwards."""
+    if scan not in EXPORTABLE_SCANS:
+        raise ValueError(f"scan '{scan}' is not exportable (exportable: {', '.join(EXPORTABLE_SCANS)})")
     branches = [m for m in model.modules() if isinstance(m, SSMBranch)]
     saved = [m.scan_backend for m in branches]
     for m in branches:
-        m.scan_backend = "torch"
+        m.scan_backend = scan
     try:
         yield model
     finally:

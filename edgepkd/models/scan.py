@@ -12,7 +12,8 @@ ungrouped B/C):
 
 Every backend computes in fp32 and casts back, like mamba's ``selective_scan_ref``.
 Backends (`edgepkd list scan-backends`):
-    torch      pure PyTorch, one step per position: the reference, and the exportable form (L fixed at export).
+    torch      pure PyTorch, one step per position: the reference; exportable (unrolled at the fixed L).
+    closed     pure PyTorch closed form with an (L, L) decay matrix: no loop, few ops; exportable, for inference.
     chunked    pure PyTorch two-level scan (~2·sqrt(L) sequential steps) with a hand-written backward.
     cpp        the O(B·D·L·N) core in a small C++ kernel (csrc/), compiled on first use; falls back to 'chunked'.
                ``auto`` picks it on CPU.
@@ -73,6 +74,30 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         ys.append((h * Ct[:, :, t]).sum(-1))                            # (B, D)
     out = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z, u.dtype)     # (B, D, L)
     return (out, h) if return_last_state else out
+
+
+@SCAN_BACKENDS.register("closed")
+def selective_scan_closed(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """Closed form without a sequential loop, for export: a handful of ops whatever L is.
+
+        y_t = sum_{s<=t} sum_n C_tn exp(S_tn - S_sn) dt_s u_s B_sn,  S = cumsum(dt * A) over L
+
+    Materialises an (L, L) decay per channel and state: B·D·L²·N floats, fine for batch-1 inference at the
+    small L of image students (L=49, D=96, N=8: 7 MB), too much for training. exp() only sees S_t - S_s <= 0
+    (the upper triangle is masked before exp), so it cannot overflow.
+    """
+    dt = _step_size(delta, delta_bias, delta_softplus)                  # (B, D, L)
+    length = u.shape[-1]
+    S = torch.cumsum(dt.unsqueeze(-1) * A.float()[:, None, :], dim=2)   # (B, D, L, N)
+    diff = S.unsqueeze(3) - S.unsqueeze(2)                              # (B, D, L_t, L_s, N)
+    causal = torch.ones(length, length, dtype=torch.bool, device=u.device).tril()[:, :, None]  # (L_t, L_s, 1)
+    decay = torch.exp(diff.masked_fill(~causal, -float("inf")))        # (B, D, L_t, L_s, N)
+    x = (dt * u.float()).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(1)  # (B, D, L_s, N)
+    h = (decay * x.unsqueeze(2)).sum(3)                                 # (B, D, L_t, N)
+    y = (h * C.float().transpose(1, 2).unsqueeze(1)).sum(-1)            # (B, D, L)
+    out = _skip_and_gate(y, u, D, z, u.dtype)
+    return (out, h[:, :, -1]) if return_last_state else out
 
 
 class _LinearRecurrence(torch.autograd.Function):
@@ -152,6 +177,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 def _cpu_kernel():
     """edgepkd's C++ scan (csrc/selective_scan_cpu.cpp), compiled on first use and cached by torch
     (~/.cache/torch_extensions); None, with the reason logged once, when it cannot be built."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CPU-only machines: noise here
     try:
         from torch.utils.cpp_extension import load
 
@@ -163,6 +191,8 @@ def _cpu_kernel():
         log.warning("could not build the C++ scan kernel (%s: %s); using the 'chunked' scan",
                     type(e).__name__, reason)
         return None
+    finally:
+        quiet.setLevel(level)
 
 
 class _CpuScanCore(torch.autograd.Function):

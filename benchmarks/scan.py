@@ -1,0 +1,208 @@
+"""Selective-scan backends side by side: forward+backward time, memory kept for backward, training throughput.
+
+    python benchmarks/scan.py                 # writes benchmarks/results/scan.md and scan.json
+    python benchmarks/scan.py --quick         # fewer repetitions, for a smoke run
+
+Every number is measured in this one run, on this machine; ratios are to the step-by-step reference ('torch').
+Backends: torch (reference), chunked, cpp (edgepkd's), mambapy's Blelloch parallel scan (`pip install mambapy`,
+benchmark only; skipped when absent), mamba_ssm's CUDA kernel (when a GPU and the package are present).
+Memory is the bytes of distinct tensor storages autograd keeps for backward (saved_tensors_hooks), which is
+what a training step holds per scan call; it is exact and does not depend on the allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgepkd.models.scan import SCAN_BACKENDS, _mamba_ssm_fn  # noqa: E402
+
+CONFIGS = [(L, d, n) for L in (49, 64, 196, 256) for d in (32, 128) for n in (4, 16)]
+BATCH = 64
+
+
+def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """mambapy's own math (mambapy/mamba.py: selective_scan) around its pscan, adapted to edgepkd's signature."""
+    from mambapy.pscan import pscan
+
+    delta = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0.0)
+    delta = F.softplus(delta) if delta_softplus else delta
+    x, dt = u.float().transpose(1, 2), delta.transpose(1, 2)            # (B, L, D)
+    deltaA = torch.exp(dt.unsqueeze(-1) * A)                              # (B, L, D, N)
+    BX = dt.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2) * x.unsqueeze(-1)  # (B, L, D, N)
+    hs = pscan(deltaA, BX)                                                # (B, L, D, N)
+    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3)                 # (B, L, D)
+    y = (y + D * x).transpose(1, 2)                                       # (B, D, L)
+    return y * F.silu(z) if z is not None else y
+
+
+def available_backends() -> list[str]:
+    names = ["torch", "chunked", "cpp"]
+    try:
+        import mambapy.pscan  # noqa: F401
+
+        if "mambapy" not in SCAN_BACKENDS:
+            SCAN_BACKENDS.register("mambapy", mambapy_scan)
+        names.append("mambapy")
+    except ImportError:
+        print("mambapy not installed: pip install mambapy to compare with it", file=sys.stderr)
+    if torch.cuda.is_available() and _mamba_ssm_fn() is not None:
+        names.append("mamba_ssm")
+    return names
+
+
+def inputs(L, d, n, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    x = dict(u=r(BATCH, d, L), delta=r(BATCH, d, L) * 0.5, A=-torch.rand(d, n, generator=g) * 2,
+             B=r(BATCH, n, L), C=r(BATCH, n, L), D=r(d), z=r(BATCH, d, L), delta_bias=r(d) * 0.1)
+    return {k: v.to(device).requires_grad_(True) for k, v in x.items()}
+
+
+def step(fn, x):
+    out = fn(**x, delta_softplus=True)
+    out.backward(torch.ones_like(out))
+    return out
+
+
+def time_backend(name, L, d, n, min_reps, min_seconds):
+    device = "cuda" if name == "mamba_ssm" else "cpu"
+    fn, x = SCAN_BACKENDS.get(name), inputs(L, d, n, device)
+    step(fn, x)  # warm-up (and, for cpp, the kernel build)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < 50):
+        t0 = time.perf_counter()
+        step(fn, x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def saved_bytes(name, L, d, n) -> int:
+    """Bytes of distinct storages saved for backward by one forward (plus its output)."""
+    device = "cuda" if name == "mamba_ssm" else "cpu"
+    fn, x = SCAN_BACKENDS.get(name), inputs(L, d, n, device)
+    leaves = {t.untyped_storage().data_ptr() for t in x.values()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in leaves:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(**x, delta_softplus=True)
+    storages[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def training_throughput(names, seconds: float) -> dict:
+    """Images/s of a full training step (forward, backward, AdamW) of the MNIST recipe's largest student."""
+    from edgepkd.distill.pipeline import plan_students
+    from edgepkd.models import build_student, set_scan_backend
+    from edgepkd.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist.yaml")
+    spec, flops = plan_students(recipe, (1, 28, 28), 10)[0]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
+    result = {"student": spec, "mflops": flops.flops / 1e6, "batch": 128, "images_per_s": {}}
+    for name in names:
+        if name == "mamba_ssm":
+            continue
+        torch.manual_seed(0)
+        model = build_student(spec, 10, 1, 28)
+        set_scan_backend(model, name)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def train_step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        train_step()
+        steps, start = 0, time.perf_counter()
+        while steps < 3 or time.perf_counter() - start < seconds:
+            train_step()
+            steps += 1
+        result["images_per_s"][name] = steps * 128 / (time.perf_counter() - start)
+        print(f"  training {name:8s} {result['images_per_s'][name]:8.0f} images/s", file=sys.stderr)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 repetition per configuration, short training timing")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    names = available_backends()
+    min_reps, min_s = (1, 0.0) if args.quick else (3, 1.0)
+    rows = []
+    for L, d, n in CONFIGS:
+        row = {"L": L, "d_inner": d, "d_state": n, "batch": BATCH, "seconds": {}, "saved_mb": {}}
+        for name in names:
+            row["seconds"][name] = time_backend(name, L, d, n, min_reps if name != "torch" else 1, min_s)
+            row["saved_mb"][name] = saved_bytes(name, L, d, n) / 2 ** 20
+        ref = row["seconds"]["torch"]
+        print(f"L={L:3d} d={d:3d} N={n:2d}  " + "  ".join(
+            f"{k} {v * 1e3:8.1f} ms (x{ref / v:5.1f})" for k, v in row["seconds"].items()), file=sys.stderr)
+        rows.append(row)
+    train = training_throughput(names, 3.0 if args.quick else 20.0)
+    env = {"machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"environment": env, "backends": names, "scan": rows, "training": train,
+            "command": "python benchmarks/scan.py" + (" --quick" if args.quick else "")}
+    (out / "scan.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "scan.md").write_text(render(data))
+    print(render(data))
+    return 0
+
+
+def render(data: dict) -> str:
+    names = data["backends"]
+    env = data["environment"]
+    lines = ["# Selective scan backends", "",
+             f"`{data['command']}` on {env['machine']}, {env['cpus']} CPUs ({env['torch_threads']} torch threads), "
+             f"torch {env['torch']}{', GPU ' + env['cuda'] if env['cuda'] else ''}. Batch {BATCH}; forward + backward, "
+             "median; speed-up is the reference's time divided by the backend's; memory is what autograd keeps "
+             "for backward.", "",
+             "| L | d_inner | d_state | " + " | ".join(f"{n} ms (x)" for n in names) + " | "
+             + " | ".join(f"{n} MB" for n in names) + " |",
+             "|" + "---:|" * (3 + 2 * len(names))]
+    for r in data["scan"]:
+        ref = r["seconds"]["torch"]
+        lines.append(f"| {r['L']} | {r['d_inner']} | {r['d_state']} | "
+                     + " | ".join(f"{r['seconds'][n] * 1e3:.1f} ({ref / r['seconds'][n]:.1f}x)" for n in names)
+                     + " | " + " | ".join(f"{r['saved_mb'][n]:.1f}" for n in names) + " |")
+    t = data["training"]
+    s = t["student"]
+    ref = t["images_per_s"]["torch"]
+    lines += ["", f"Training throughput, MNIST recipe's largest student (d_model {s['d_model']}, depth {s['depth']}, "
+              f"d_state {s['d_state']}, patch {s['patch_size']}: {t['mflops']:.2f} MFLOPs), batch {t['batch']}, "
+              "forward + backward + AdamW:", "",
+              "| backend | images/s | x reference |", "|---|---:|---:|"]
+    for name, ips in t["images_per_s"].items():
+        lines.append(f"| {name} | {ips:.0f} | {ips / ref:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""``edgepkd export RUN --target NAME``: every student and ensemble prefix of a run -> verified artifacts.
+
+    runs/<run>/export/<target>/<model>.<ext>   one file per model (ensemble prefixes are one graph summing
+                                               their students' logits)
+    runs/<run>/export/<target>/manifest.json   per file: model, target, precision, input/output, preprocessing,
+                                               labels, bytes, sha256, MACs, and the verification results
+
+Each artifact is written under a temporary name, verified in its own runtime, and only then renamed into place;
+a failed conversion or verification leaves no file behind and the earlier artifacts intact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import edgepkd
+from edgepkd.compress.targets import FORMAT_NEEDS, ExportTarget
+from edgepkd.compress.verify import Verification, verify
+from edgepkd.errors import EdgepkdError, RunError
+from edgepkd.rundir import RunDir, atomic_write_json
+
+EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
+             "torch": "edgepkd.compress.torch_export"}
+
+
+class VerificationError(EdgepkdError):
+    exit_code = 1
+
+
+class EnsemblePrefix(nn.Module):
+    """An anytime model: the sum of its members' logits, exported as one graph."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, C, H, W) -> (B, K)
+        out = self.members[0](x)
+        for m in self.members[1:]:
+            out = out + m(x)
+        return out
+
+
+@dataclass
+class Candidate:
+    name: str                 # as in metrics.json: "chain/s1", "ensemble[1..3]"
+    file_stem: str            # "chain-s1", "ensemble-1-3"
+    members: list[str]
+    info: dict = field(default_factory=dict)   # the metrics.json row
+
+
+def file_stem(name: str) -> str:
+    return name.replace("/", "-").replace("[", "-").replace("..", "-").replace("]", "")
+
+
+def require_runtime(target: ExportTarget) -> None:
+    missing = [m for m in FORMAT_NEEDS[target.format] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EdgepkdError(f"export target '{target.name}' needs {', '.join(missing)}: "
+                           "pip install -e '.[export]' (or pip install 'edgepkd[export]')")
+
+
+def candidates(run: RunDir, metrics: dict, only: str | None) -> list[Candidate]:
+    """Every student and ensemble prefix (default), or the one model named ``only`` (teacher included)."""
+    rows = [Candidate(r["name"], file_stem(r["name"]), [r["name"]], r) for r in metrics["models"]
+            if r["role"] == "chain" or (only is not None and r["name"] == only)]
+    rows += [Candidate(p["name"], file_stem(p["name"]), p["members"], p) for p in metrics["ensemble_prefixes"]]
+    if only is not None:
+        names = [c.name for c in rows] + [r["name"] for r in metrics["models"]]
+        chosen = [c for c in rows if c.name == only or c.file_stem == only]
+        if not chosen:
+            from edgepkd.registry import closest
+
+            raise RunError(f"--model {only}: not a model of {run.path}{closest(only, names)} "
+                           f"(models: {', '.join(dict.fromkeys(names))})")
+        return chosen
+    return rows
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_run(run_path: str, target: ExportTarget, *, model: str | None = None, do_verify: bool = True,
+               data_dir: str | None = None, log=print) -> list[dict]:
+    """Export, verify and describe the models of a run for one target; returns the manifest entries written."""
+    from edgepkd.data import load_dataset
+    from edgepkd.models import export_mode, load_model
+    from edgepkd.recipe import load_recipe
+    from edgepkd.report import load_metrics
+
+    run = RunDir(run_path)
+    if not run.path.is_dir():
+        raise RunError(f"{run_path}: no such run directory")
+    for needed in (run.recipe_path, run.metrics_path):
+        if not needed.is_file():
+            raise RunError(f"{run_path}: incomplete run, {needed.name} is missing "
+                           "(finish it with: edgepkd distill RECIPE --resume)")
+    require_runtime(target)
+    exporter = importlib.import_module(EXPORTERS[target.format])
+    metrics = load_metrics(run.path)
+    chosen = candidates(run, metrics, model)
+    loaded: dict[str, nn.Module] = {}
+    for c in chosen:
+        for m in c.members:
+            path = run.weights_path(m)
+            if not path.is_file():
+                raise RunError(f"{run_path}: incomplete run, weights/{path.name} is missing")
+            if m not in loaded:
+                loaded[m] = load_model(path)[0]
+    recipe = load_recipe(run.recipe_path)
+    data = load_dataset(recipe.data, recipe.seed, data_dir)
+    x_test = data.normalize(data.test.x)                                    # (N, C, H, W)
+    example = x_test[:1]                                                    # (1, C, H, W)
+
+    def calibration():
+        n = min(target.quantization.calibration_images, len(data.train))
+        for i in range(n):
+            yield data.normalize(data.train.x[i:i + 1]).numpy()
+
+    out_dir = run.path / "export" / target.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"artifacts": []}
+    entries = []
+    for c in chosen:
+        net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
+               else EnsemblePrefix([loaded[m] for m in c.members])).eval()
+        final = out_dir / f"{c.file_stem}{target.suffix}"
+        tmp = out_dir / f".{c.file_stem}.tmp{target.suffix}"
+        meta = {"model": c.name, "members": c.members, "target": target.name, "precision": target.precision,
+                "classes": data.classes, "preprocessing": data.preprocessing(),
+                "provenance": {"run": run.path.name, "recipe": recipe.name, "dataset": recipe.data.dataset,
+                               "edgepkd_version": edgepkd.__version__, "torch_version": torch.__version__}}
+        try:
+            with export_mode(net, scan=target.scan):
+                exporter.export(net, example, tmp, target, calibration, meta)
+            runner = exporter.Runner(tmp)
+            result = verify(runner, net, x_test, data.test.y, target) if do_verify else None
+        except EdgepkdError:
+            _cleanup(tmp)
+            raise
+        except Exception as e:
+            _cleanup(tmp)
+            raise EdgepkdError(f"export of {c.name} to {target.name} failed: {type(e).__name__}: "
+                               f"{_first_line(e)}") from None
+        except BaseException:
+            _cleanup(tmp)
+            raise
+        if result is not None and not result.passed:
+            _cleanup(tmp)
+            raise VerificationError(f"{target.name}: {c.name} failed verification on {result.images} test "
+                                    f"images: {'; '.join(result.failures)} (nothing written; --no-verify skips "
+                                    "this check)")
+        os.replace(tmp, final)
+        entry = _entry(final, c, target, runner, meta, result)
+        entries.append(entry)
+        log(_describe(entry))
+    keep = [e for e in manifest["artifacts"] if e["file"] not in {x["file"] for x in entries}]
+    manifest = {"edgepkd_version": edgepkd.__version__, "target": target.name,
+                "artifacts": sorted(keep + entries, key=lambda e: e["file"])}
+    atomic_write_json(manifest_path, manifest)
+    return entries
+
+
+def _cleanup(tmp: Path) -> None:
+    for p in (tmp, Path(str(tmp) + ".data")):
+        p.unlink(missing_ok=True)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else repr(e)
+
+
+def _entry(path: Path, c: Candidate, target: ExportTarget, runner, meta: dict, result: Verification | None) -> dict:
+    io = getattr(runner, "io", lambda: {})()
+    return {
+        "file": path.name, "model": c.name, "members": c.members, "target": target.name,
+        "format": target.format, "precision": target.precision,
+        "input": {"name": "input", "shape": [1, *meta["preprocessing"]["input_shape"]], "dtype": "float32",
+                  **io.get("input", {})},
+        "output": {"name": "logits", "shape": [1, len(meta["classes"])], "dtype": "float32", **io.get("output", {})},
+        "preprocessing": meta["preprocessing"], "classes": meta["classes"],
+        "bytes": path.stat().st_size, "sha256": sha256(path),
+        "params": c.info.get("params"), "macs": c.info.get("macs"), "flops": c.info.get("flops"),
+        "pytorch_test_acc": c.info.get("test_acc"),
+        "verification": result.as_dict() if result is not None else {"passed": None, "skipped": True},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": meta["provenance"],
+    }
+
+
+def _describe(e: dict) -> str:
+    v = e["verification"]
+    if v.get("skipped"):
+        return f"  {e['file']:<24} {e['bytes']:>9,} B  NOT VERIFIED"
+    return (f"  {e['file']:<24} {e['bytes']:>9,} B  acc {v['accuracy']:6.2f}% (PyTorch {v['reference_accuracy']:6.2f}%)"
+            f"  agreement {v['agreement']:6.2f}%  max|diff| {v['max_abs_diff']:.2e}  ok")

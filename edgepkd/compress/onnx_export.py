@@ -1,0 +1,149 @@
+"""ONNX: export with ``torch.onnx.export(dynamo=True)``, check with ``onnx.checker``, quantize with ONNX Runtime,
+run with ``onnxruntime``. Metadata (preprocessing, labels, provenance) goes into ``metadata_props``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from edgepkd.compress.targets import ExportTarget
+from edgepkd.errors import EdgepkdError
+
+
+def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
+           calibration: Callable[[], Iterable[np.ndarray]], metadata: dict) -> None:
+    """Write ``model`` to ``path`` for ``target`` (fp32, or int8 quantized from the fp32 graph)."""
+    import onnx
+
+    fp32 = path.with_name(path.stem + ".fp32-tmp.onnx") if target.precision == "int8" else path
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, (example,), str(fp32), dynamo=True, opset_version=target.opset,
+                              input_names=["input"], output_names=["logits"], external_data=False,
+                              verbose=False)
+        onnx.checker.check_model(str(fp32), full_check=True)
+        excluded = _slim(fp32, target.quantization.exclude_modules)
+        if target.precision == "int8":
+            _quantize(fp32, path, target, calibration, excluded)
+        set_metadata(path, metadata)
+        onnx.checker.check_model(str(path))
+    finally:
+        if fp32 != path:
+            fp32.unlink(missing_ok=True)
+            Path(str(fp32) + ".data").unlink(missing_ok=True)
+
+
+def _module_path(node) -> str:
+    """The PyTorch module that produced an ONNX node, from the dynamo exporter's 'namespace' metadata:
+    ': Student/blocks.0: Block/blocks.0.mixer.in_proj: Linear/linear: aten.linear.default' -> 'blocks.0.mixer.in_proj'."""
+    for prop in node.metadata_props:
+        if prop.key == "namespace":
+            scopes = [part.split(":")[0].strip() for part in prop.value.split("/")]
+            modules = [s for s in scopes[1:-1] if s]
+            return modules[-1] if modules else ""
+    return ""
+
+
+def _slim(path: Path, exclude_modules: list[str]) -> list[str]:
+    """Drop the exporter's per-node debug metadata (stack traces, FX nodes: most of a small model's bytes) and
+    return the names of nodes whose module matches ``exclude_modules`` (kept in float when quantizing)."""
+    import fnmatch
+
+    import onnx
+
+    model = onnx.load(str(path))
+    excluded = []
+    for node in model.graph.node:
+        module = _module_path(node)
+        if module and any(fnmatch.fnmatch(module, pattern) for pattern in exclude_modules):
+            excluded.append(node.name)
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+    return excluded
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a finite iterable of (1, C, H, W) float arrays."""
+
+    def __init__(self, batches: Iterable[np.ndarray]):
+        self._it = iter(batches)
+
+    def get_next(self):
+        x = next(self._it, None)
+        return None if x is None else {"input": x}
+
+    def rewind(self):  # part of the interface in recent onnxruntime versions
+        raise NotImplementedError
+
+
+def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    q = target.quantization
+    pre = src.with_name(src.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if q.method == "ort_dynamic":
+            quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+            return
+        reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration())
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        with contextlib.redirect_stdout(io.StringIO()):  # calibration prints progress with print()
+            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=excluded, calibrate_method=methods[q.calibration_method])
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def set_metadata(path: Path, metadata: dict) -> None:
+    """Store each top-level key of ``metadata`` as a JSON string in the model's ``metadata_props``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: Path) -> dict:
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    return {k: json.loads(v) for k, v in meta.custom_metadata_map.items()}
+
+
+class Runner:
+    """Runs an ONNX file in onnxruntime (CPU, ``threads`` intra-op threads): float (1, C, H, W) -> logits (1, K)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise EdgepkdError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.version = ort.__version__
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x.astype(np.float32)})[0]

@@ -1,0 +1,109 @@
+"""Export targets: ``export/*.yaml`` files loaded into typed dataclasses, looked up through a registry.
+
+Built-in targets live in the repository's ``export/`` folder; a user adds one by dropping a YAML file into
+``./export/`` (or ``--targets-dir``). A target names the format, the precision, the quantization method with its
+settings, and the verification tolerances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgepkd.config import check, from_dict, load_yaml
+from edgepkd.errors import ConfigError
+from edgepkd.registry import Registry
+
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "export"
+
+# format -> (pip extra, modules it needs)
+FORMAT_NEEDS = {"onnx": ["onnx", "onnxscript", "onnxruntime"], "tflite": ["litert_torch", "ai_edge_litert"],
+                "torch": ["torchao"]}
+METHODS = {"onnx": ("none", "ort_static", "ort_dynamic"), "tflite": ("none", "pt2e"), "torch": ("none", "torchao")}
+
+
+@dataclass
+class QuantConfig:
+    method: Literal["none", "ort_static", "ort_dynamic", "pt2e", "torchao"] = "none"
+    op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])  # ort_*: ops to quantize
+    per_channel: bool = True
+    calibration_images: int = 256                       # training images run through the model to calibrate
+    exclude_modules: list[str] = field(default_factory=list)  # glob patterns of module paths kept in float
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile"  # ort_static activation ranges
+    modules: list[Literal["linear", "conv"]] = field(default_factory=lambda: ["linear", "conv"])  # pt2e
+    activations: Literal["static", "dynamic"] = "static"  # pt2e: calibrated int8 activations (int8 I/O), or
+                                                          # int8 weights with activations quantized at run time
+    config: Literal["int8_dynamic_activation_int8_weight", "int8_weight_only"] = \
+        "int8_dynamic_activation_int8_weight"            # torchao
+
+    def __post_init__(self):
+        check(self.calibration_images >= 1, "calibration_images", "must be at least 1")
+        check(bool(self.op_types), "op_types", "must name at least one ONNX op type")
+
+
+@dataclass
+class VerifyConfig:
+    max_abs_diff: float | None = None      # fp32: fail when the largest |logit difference| exceeds this
+    max_accuracy_drop: float | None = None  # int8: fail when accuracy drops more than this many points
+    min_agreement: float | None = None     # fail when top-1 agreement with PyTorch fp32 (%) is below this
+
+    def __post_init__(self):
+        check(self.max_abs_diff is None or self.max_abs_diff > 0, "max_abs_diff", "must be positive")
+        check(self.max_accuracy_drop is None or self.max_accuracy_drop >= 0, "max_accuracy_drop", "must be >= 0")
+        check(self.min_agreement is None or 0 <= self.min_agreement <= 100, "min_agreement", "must be in [0, 100]")
+
+
+@dataclass
+class ExportTarget:
+    name: str
+    format: Literal["onnx", "tflite", "torch"]
+    precision: Literal["fp32", "int8"]
+    description: str = ""
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    scan: Literal["torch", "closed"] = "torch"  # exportable scan: the unrolled step loop (fastest in ORT/TFLite at
+                                                # image-sized L) or the closed form (fewer ops, L times the work)
+    opset: int = 18                        # onnx
+
+    def __post_init__(self):
+        method = self.quantization.method
+        check(method in METHODS[self.format], "quantization.method",
+              f"'{method}' does not apply to format {self.format} (allowed: {', '.join(METHODS[self.format])})")
+        check((method == "none") == (self.precision == "fp32"), "precision",
+              "fp32 targets use quantization.method none; int8 targets name a quantization method")
+        if self.precision == "fp32" and self.verify.max_abs_diff is None:
+            self.verify.max_abs_diff = 1e-4
+        if self.precision == "int8" and self.verify.max_accuracy_drop is None:
+            self.verify.max_accuracy_drop = 1.0
+
+    @property
+    def suffix(self) -> str:
+        return {"onnx": ".onnx", "tflite": ".tflite", "torch": ".pt2"}[self.format]
+
+    @property
+    def extra(self) -> str:
+        return "export"
+
+
+def load_target(path: Path) -> ExportTarget:
+    target = from_dict(ExportTarget, load_yaml(path), source=str(path))
+    if target.name != path.stem:
+        raise ConfigError(f"{path}: name: '{target.name}' must match the file name '{path.stem}'")
+    return target
+
+
+def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:
+    """Built-in targets, then ``./export/`` and ``extra_dirs``; a later file with a known name fails."""
+    registry: Registry[ExportTarget] = Registry("export target")
+    seen: set[Path] = set()
+    for folder in [BUILTIN_DIR, Path.cwd() / "export", *map(Path, extra_dirs)]:
+        if not folder.is_dir() or folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        for path in sorted(folder.glob("*.yaml")):
+            target = load_target(path)
+            if target.name in registry:
+                raise ConfigError(f"{path}: export target '{target.name}' is already defined by another file")
+            registry.register(target.name, target)
+    return registry

@@ -1,0 +1,145 @@
+"""TFLite: ``litert_torch.convert`` (fp32), PT2E int8 (``torchao.quantization.pt2e`` prepare/convert with a
+quantizer litert-torch accepts), run with ``ai_edge_litert.interpreter.Interpreter``.
+
+int8 quantizes only Linear and Conv layers (weights per-channel, symmetric; activations either calibrated
+('static': the model's input and output become int8 tensors) or quantized at run time ('dynamic')):
+quantizing the scan's elementwise ops fails to convert (tfl.slice same-scale constraint) or, when it converts,
+makes a small student slower than fp32. With int8 inputs, ``Runner`` quantizes them with the scale and zero
+point the interpreter reports. Metadata is a flatbuffer metadata
+entry 'edgepkd' (JSON), readable with ai_edge_litert alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from edgepkd.compress._native import quiet_native
+from edgepkd.compress.targets import ExportTarget
+from edgepkd.errors import EdgepkdError
+
+METADATA_KEY = "edgepkd"
+
+
+def _quantizer(target: ExportTarget):
+    """litert-torch's PT2E quantizer, annotating only aten.linear / aten.conv nodes.
+
+    ``set_module_type`` / ``set_module_name`` select nothing with torch 2.14's string-typed nn_module_stack
+    (checked with litert-torch 0.10), so annotation is done directly with the per-op annotators.
+    """
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer_utils import OP_TO_ANNOTATOR
+
+    ops = list(target.quantization.modules)
+
+    class LinearConvQuantizer(PT2EQuantizer):
+        def annotate(self, gm):
+            for op in ops:
+                OP_TO_ANNOTATOR[op](gm, self.global_config, None)
+            return gm
+
+    q = LinearConvQuantizer()
+    q.set_global(get_symmetric_quantization_config(is_per_channel=target.quantization.per_channel,
+                                                   is_dynamic=target.quantization.activations == "dynamic"))
+    return q
+
+
+def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
+           calibration: Callable[[], Iterable[np.ndarray]], metadata: dict) -> None:
+    with quiet_native():
+        _export(model, example, path, target, calibration)
+    set_metadata(path, metadata)
+
+
+def _export(model, example, path: Path, target: ExportTarget, calibration) -> None:
+    import litert_torch
+
+    litert_torch.config.show_progress = False
+    model = model.eval()
+    if target.precision == "int8":
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = _quantizer(target)
+        graph = prepare_pt2e(torch.export.export(model, (example,)).module(), quantizer)
+        with torch.no_grad():
+            for x in calibration():
+                graph(torch.from_numpy(x))
+        graph = convert_pt2e(graph, fold_quantize=False)
+        move_exported_model_to_eval(graph)
+        edge = litert_torch.convert(graph, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    else:
+        edge = litert_torch.convert(model, (example,))
+    edge.export(str(path))
+
+
+def set_metadata(path: Path, metadata: dict) -> None:
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    model.metadata = [m for m in (model.metadata or []) if m.name not in (METADATA_KEY, METADATA_KEY.encode())]
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    model.buffers.append(buf)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_KEY, len(model.buffers) - 1
+    model.metadata.append(entry)
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def read_metadata(path: Path) -> dict:
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == METADATA_KEY:
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return {}
+
+
+class Runner:
+    """Runs a .tflite file in ai_edge_litert's Interpreter: float (1, C, H, W) -> float logits (1, K);
+    int8 inputs/outputs are (de)quantized with the scale and zero point the interpreter reports."""
+
+    runtime = "ai_edge_litert"
+
+    def __init__(self, path: Path, threads: int = 1):
+        import ai_edge_litert
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            with quiet_native():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+                self.interpreter.allocate_tensors()
+        except Exception as e:
+            raise EdgepkdError(f"{path}: the TFLite interpreter cannot load it: {str(e).splitlines()[0]}") from None
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.version = getattr(ai_edge_litert, "__version__", "unknown")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        scale, zero = self.input["quantization"]
+        if self.input["dtype"] != np.float32:
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max)
+        self.interpreter.set_tensor(self.input["index"], x.astype(self.input["dtype"]))
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        scale, zero = self.output["quantization"]
+        return (y.astype(np.float32) - zero) * scale if self.output["dtype"] != np.float32 else y
+
+    def io(self) -> dict:
+        def describe(d):
+            out = {"dtype": np.dtype(d["dtype"]).name}
+            if d["dtype"] != np.float32:
+                out["quantization"] = {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}
+            return out
+
+        return {"input": describe(self.input), "output": describe(self.output)}

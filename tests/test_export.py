@@ -1,0 +1,214 @@
+"""Export targets on a tiny distilled student: every target works and is verified, a broken artifact is caught,
+and every error is one line. Needs the 'export' extra (onnx, onnxruntime, litert-torch, torchao)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from edgepkd.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.export]
+for module in ("onnxruntime", "onnxscript", "litert_torch", "ai_edge_litert", "torchao"):
+    pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[export]'")
+
+from edgepkd.compress import onnx_export, tflite_export, torch_export  # noqa: E402
+from edgepkd.compress.targets import BUILTIN_DIR, load_targets  # noqa: E402
+
+READERS = {"onnx": onnx_export.read_metadata, "tflite": tflite_export.read_metadata,
+           "torch": torch_export.read_metadata}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from conftest import TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("export")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    assert main(["distill", str(recipe), "--out", str(root / "runs"), "--quiet"]) == 0
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+@pytest.fixture
+def loose_targets(tmp_path):
+    """Copies of the int8 targets with a wide accuracy tolerance: the tiny synthetic student is not what int8
+    tolerances are meant for; also exercises user targets dropped into a folder."""
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    for path in BUILTIN_DIR.glob("*int8*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        data["name"] = "loose-" + data["name"]
+        data["verify"] = {"max_accuracy_drop": 50.0}
+        (folder / f"{data['name']}.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+def test_list_targets(capsys):
+    assert main(["export", "--list-targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "torch-int8"):
+        assert name in out
+
+
+@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "tflite-fp32", "tflite-int8",
+                                  "tflite-int8-static", "torch-int8"])
+def test_every_target_exports_verifies_and_describes(name, run_copy, loose_targets, capsys):
+    target = name if name.endswith("fp32") else f"loose-{name}"
+    assert main(["export", str(run_copy), "--target", target, "--model", "chain/s2", "--targets-dir",
+                 str(loose_targets), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    t = load_targets([loose_targets]).get(target)
+    path = run_copy / "export" / target / entry["file"]
+    assert path.is_file() and entry["bytes"] == path.stat().st_size and len(entry["sha256"]) == 64
+    v = entry["verification"]
+    assert v["passed"] and v["images"] == 60 and v["runtime"]
+    if t.precision == "fp32":
+        assert v["max_abs_diff"] <= 1e-4 and v["agreement"] == 100.0
+    manifest = json.loads((run_copy / "export" / target / "manifest.json").read_text())
+    assert [a["file"] for a in manifest["artifacts"]] == [entry["file"]]
+    assert entry["preprocessing"]["input_shape"] == [1, 8, 8] and entry["classes"][0] == "class0"
+    assert entry["macs"] > 0 and entry["input"]["shape"] == [1, 1, 8, 8]
+    meta = READERS[t.format](path)  # the file alone carries preprocessing and labels
+    assert meta["classes"] == entry["classes"] and meta["preprocessing"] == entry["preprocessing"]
+    assert not list(path.parent.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_default_exports_every_student_and_prefix(run_copy, capsys):
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--json"]) == 0
+    files = sorted(e["file"] for e in json.loads(capsys.readouterr().out))
+    assert files == ["chain-s1.onnx", "chain-s2.onnx", "ensemble-1-1.onnx", "ensemble-1-2.onnx"]
+
+
+def test_plain_runtime_script_reproduces_manifest_accuracy(run_copy, loose_targets):
+    """Only the manifest, the raw uint8 test images and the runtime: no edgepkd model code."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgepkd.data import load_dataset
+    from edgepkd.recipe import load_recipe
+
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--model", "ensemble[1..2]"]) == 0
+    assert main(["export", str(run_copy), "--target", "loose-tflite-int8-static", "--model", "chain/s1",
+                 "--targets-dir", str(loose_targets)]) == 0
+    recipe = load_recipe(run_copy / "recipe.yaml")
+    test = load_dataset(recipe.data, recipe.seed).test
+    for target in ("onnx-fp32", "loose-tflite-int8-static"):
+        (entry,) = json.loads((run_copy / "export" / target / "manifest.json").read_text())["artifacts"]
+        pre = entry["preprocessing"]
+        mean = np.array(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.array(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        x = (test.x.numpy().astype(np.float32) * pre["scale"] - mean) / std
+        path = str(run_copy / "export" / target / entry["file"])
+        preds = []
+        if entry["format"] == "onnx":
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            preds = [sess.run(None, {entry["input"]["name"]: x[i:i + 1]})[0].argmax() for i in range(len(x))]
+        else:
+            it = Interpreter(model_path=path)
+            it.allocate_tensors()
+            inp, out = it.get_input_details()[0], it.get_output_details()[0]
+            q = entry["input"]["quantization"]
+            assert entry["input"]["dtype"] == "int8" and q["scale"] == pytest.approx(inp["quantization"][0])
+            for i in range(len(x)):
+                xq = np.clip(np.round(x[i:i + 1] / q["scale"]) + q["zero_point"], -128, 127).astype(np.int8)
+                it.set_tensor(inp["index"], xq)
+                it.invoke()
+                preds.append(it.get_tensor(out["index"]).argmax())
+        acc = 100.0 * float(np.mean(np.array(preds) == test.y.numpy()))
+        assert acc == pytest.approx(entry["verification"]["accuracy"], abs=1e-9)
+
+
+def test_broken_artifact_is_caught_and_nothing_is_written(run_copy, monkeypatch, capsys):
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--model", "chain/s1"]) == 0
+    good = (run_copy / "export" / "onnx-fp32" / "chain-s1.onnx").read_bytes()
+    real_export = onnx_export.export
+
+    def corrupt_then_export(model, *args, **kwargs):
+        import copy
+
+        broken = copy.deepcopy(model)  # the artifact deviates; the PyTorch reference does not
+        with torch.no_grad():
+            broken.head.bias.add_(0.01)  # 1e-2 > the 1e-4 tolerance, and no top-1 change needed to catch it
+        return real_export(broken, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export", corrupt_then_export)
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--model", "chain/s2"]) == 1
+    err = capsys.readouterr().err
+    assert "chain/s2 failed verification" in err and "max |logit diff|" in err and err.count("\n") == 1
+    folder = run_copy / "export" / "onnx-fp32"
+    assert not (folder / "chain-s2.onnx").exists() and not list(folder.glob(".*"))
+    assert (folder / "chain-s1.onnx").read_bytes() == good  # earlier results intact
+    assert [a["file"] for a in json.loads((folder / "manifest.json").read_text())["artifacts"]] == ["chain-s1.onnx"]
+
+
+def test_no_verify_says_so_loudly(run_copy, capsys):
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--model", "chain/s2", "--no-verify"]) == 0
+    captured = capsys.readouterr()
+    assert "NOT checked" in captured.err and "NOT VERIFIED" in captured.out
+    (entry,) = json.loads((run_copy / "export" / "onnx-fp32" / "manifest.json").read_text())["artifacts"]
+    assert entry["verification"] == {"passed": None, "skipped": True}
+
+
+def test_failed_conversion_names_the_model_and_leaves_nothing(run_copy, monkeypatch, capsys):
+    def boom(model, example, path, *a, **k):
+        path.write_bytes(b"half-written")
+        raise RuntimeError("Unsupported op aten::frobnicate in module blocks.0.mixer")
+
+    monkeypatch.setattr(tflite_export, "export", boom)
+    assert main(["export", str(run_copy), "--target", "tflite-fp32", "--model", "chain/s2"]) == 1
+    err = capsys.readouterr().err
+    assert "export of chain/s2 to tflite-fp32 failed: RuntimeError: Unsupported op aten::frobnicate" in err
+    assert err.count("\n") == 1
+    assert not list((run_copy / "export" / "tflite-fp32").glob("*.tflite*"))
+    assert not list((run_copy / "export" / "tflite-fp32").glob(".*"))
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--target", "onnx-fp33"], 2, "unknown export target 'onnx-fp33'; did you mean 'onnx-fp32'?"),
+    (["--target", "onnx-fp32", "--model", "chain/s9"], 2, "--model chain/s9: not a model of"),
+    ([], 2, "give --target NAME"),
+])
+def test_errors_are_one_line(run_copy, capsys, args, code, message):
+    assert main(["export", str(run_copy), *args]) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_or_incomplete_run(run_copy, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), "--target", "onnx-fp32"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    (run_copy / "weights" / "chain-s2.safetensors").unlink()
+    assert main(["export", str(run_copy), "--target", "onnx-fp32"]) == 2
+    assert "weights/chain-s2.safetensors is missing" in capsys.readouterr().err
+    (run_copy / "metrics.json").unlink()
+    assert main(["export", str(run_copy), "--target", "onnx-fp32"]) == 2
+    assert "metrics.json is missing" in capsys.readouterr().err
+
+
+def test_missing_extra_gives_the_pip_line(run_copy, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litert_torch" else real(name, *a))
+    assert main(["export", str(run_copy), "--target", "tflite-fp32"]) == 1
+    err = capsys.readouterr().err
+    assert "needs litert_torch: pip install -e '.[export]'" in err
+
+
+def test_malformed_target_file(tmp_path, capsys):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("name: mine\nformat: onnx\nprecision: fp32\nquantization: {method: pt2e}\n")
+    assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
+    assert "quantization.method: 'pt2e' does not apply to format onnx" in capsys.readouterr().err
