@@ -1,0 +1,114 @@
+"""int8 vs fp32, side by side in one run: file size, latency per image in onnxruntime and the TFLite
+interpreter (1 thread, batch 1, 50 warm-up runs then at least 200 timed runs, median), accuracy delta.
+
+    python benchmarks/export.py runs/digits [runs/mnist ...]   # writes benchmarks/results/export-<run>.md/.json
+
+Artifacts are exported (and verified, with tolerances opened so every number is reported) into
+RUN/export/bench-<target>/. Goal (issue #3): int8 files <= 0.3x fp32, int8 not slower, accuracy drop <= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgepkd.compress import onnx_export, tflite_export  # noqa: E402
+from edgepkd.compress.export import export_run  # noqa: E402
+from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
+
+PAIRS = [("onnx-fp32", "onnx-int8"), ("onnx-fp32", "onnx-int8-dynamic"), ("tflite-fp32", "tflite-int8"),
+         ("tflite-fp32", "tflite-int8-static")]
+RUNNERS = {"onnx": onnx_export.Runner, "tflite": tflite_export.Runner}
+
+
+def latency_ms(runner, shape, warmup=50, runs=200, min_seconds=1.0) -> float:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for _ in range(warmup):
+        runner(x)
+    times, start = [], time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        runner(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench_run(run: Path) -> dict:
+    targets = load_targets()
+    entries = {}
+    for name in sorted({t for pair in PAIRS for t in pair}):
+        t = dataclasses.replace(targets.get(name), name=f"bench-{name}")
+        t.verify = VerifyConfig(max_abs_diff=1e9, max_accuracy_drop=100.0)  # report, do not gate
+        print(f"exporting {run.name} for {name}", file=sys.stderr)
+        entries[name] = {e["model"]: e for e in export_run(str(run), t, log=lambda *a: None)}
+    rows = []
+    for fp32, int8 in PAIRS:
+        fmt = targets.get(fp32).format
+        for model, a in entries[fp32].items():
+            b = entries[int8][model]
+            folder = lambda n: run / "export" / f"bench-{n}"
+            shape = a["input"]["shape"]
+            # interleave: fp32, int8, fp32, int8 -> medians of medians, so drift hits both alike
+            la, lb = [], []
+            for _ in range(2):
+                la.append(latency_ms(RUNNERS[fmt](folder(fp32) / a["file"]), shape))
+                lb.append(latency_ms(RUNNERS[fmt](folder(int8) / b["file"]), shape))
+            rows.append({"model": model, "fp32": fp32, "int8": int8, "fp32_bytes": a["bytes"], "int8_bytes": b["bytes"],
+                         "size_ratio": b["bytes"] / a["bytes"], "fp32_ms": min(la), "int8_ms": min(lb),
+                         "latency_ratio": min(lb) / min(la), "fp32_acc": a["verification"]["accuracy"],
+                         "int8_acc": b["verification"]["accuracy"],
+                         "acc_delta": b["verification"]["accuracy"] - a["verification"]["accuracy"]})
+            print(f"  {model:<16} {int8:<18} size x{rows[-1]['size_ratio']:.2f}  latency x{rows[-1]['latency_ratio']:.2f}"
+                  f"  acc {rows[-1]['acc_delta']:+.2f}", file=sys.stderr)
+    return {"run": run.name, "rows": rows}
+
+
+def render(result: dict, env: dict, command: str) -> str:
+    lines = [f"# int8 vs fp32: {result['run']}", "",
+             f"`{command}` on {env['machine']}, {env['cpus']} CPUs; onnxruntime {env['onnxruntime']}, "
+             f"ai-edge-litert {env['ai_edge_litert']}. Latency: 1 thread, batch 1, 50 warm-up runs then >= 200 "
+             "runs (and >= 1 s), median; fp32 and int8 interleaved twice, the lower median kept.", "",
+             "| model | int8 target | fp32 bytes | int8 bytes | size int8/fp32 | fp32 ms | int8 ms | latency int8/fp32 "
+             "| fp32 acc | int8 acc | delta |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['int8']} | {r['fp32_bytes']:,} | {r['int8_bytes']:,} | {r['size_ratio']:.2f} | "
+                     f"{r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['latency_ratio']:.2f} | {r['fp32_acc']:.2f} | "
+                     f"{r['int8_acc']:.2f} | {r['acc_delta']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    import ai_edge_litert
+    import onnxruntime
+
+    env = {"machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
+           "onnxruntime": onnxruntime.__version__, "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for run in map(Path, args.runs):
+        result = bench_run(run)
+        command = f"python benchmarks/export.py {run}"
+        (out / f"export-{run.name}.json").write_text(json.dumps({"environment": env, "command": command, **result},
+                                                                indent=2) + "\n")
+        (out / f"export-{run.name}.md").write_text(render(result, env, command))
+        print(render(result, env, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
