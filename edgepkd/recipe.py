@@ -186,7 +186,3 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         raw = apply_overrides(raw, list(overrides), source)
         source += " (with --set)"
     return from_dict(Recipe, raw, source=source)
-
-
-def recipe_dict(recipe: Recipe) -> dict:
-    return to_dict(recipe)

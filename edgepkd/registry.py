@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from edgepkd.errors import ConfigError
 
@@ -66,6 +66,3 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return [(n, self._items[n]) for n in self.names()]
-
-
-Builder = Callable[..., object]

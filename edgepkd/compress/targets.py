@@ -81,10 +81,6 @@ class ExportTarget:
     def suffix(self) -> str:
         return {"onnx": ".onnx", "tflite": ".tflite", "torch": ".pt2"}[self.format]
 
-    @property
-    def extra(self) -> str:
-        return "export"
-
 
 def load_target(path: Path) -> ExportTarget:
     target = from_dict(ExportTarget, load_yaml(path), source=str(path))
