@@ -66,7 +66,8 @@ def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes
 
 
 def _progression(recipe: Recipe, input_shape, num_classes, measure) -> list[tuple[dict, FlopReport]]:
-    """Each next student: the candidate (d_model, depth, d_state) closest to ``flops_ratio`` x the previous FLOPs."""
+    """Each next student: the candidate (d_model, depth, d_state), no wider or deeper than the previous one,
+    whose FLOPs are closest (in log ratio) to ``flops_ratio`` x the previous student's; ties go to the wider."""
     prog = recipe.students.progression
     start = to_dict(prog.start)
     if input_shape[1] % start["patch_size"]:
@@ -81,9 +82,11 @@ def _progression(recipe: Recipe, input_shape, num_classes, measure) -> list[tupl
     scored = [(spec, measure(spec)) for spec in candidates]
     planned = [(start, measure(start))]
     while len(planned) < prog.count:
-        prev = planned[-1][1]
+        prev_spec, prev = planned[-1]
         target = prev.flops * prog.flops_ratio
-        smaller = [(s, f) for s, f in scored if f.flops < prev.flops and f.macs < prev.macs]
+        # a family that only shrinks: no student wider or deeper than the one before it
+        smaller = [(s, f) for s, f in scored if f.flops < prev.flops and f.macs < prev.macs
+                   and s["d_model"] <= prev_spec["d_model"] and s["depth"] <= prev_spec["depth"]]
         if not smaller:
             raise ConfigError(f"students.progression.count: only {len(planned)} students fit below "
                               f"{prev.mflops:.3f} MFLOPs with min_d_model {prog.min_d_model}; lower count or "
