@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
 
     p = sub.add_parser("list", help="list registered teachers, students, datasets, scan backends",
-                       description="List the names a recipe may use.")
+                       description="List registered names: teachers, datasets and scan backends as a recipe uses "
+                       "them; students are presets for Python use (edgepkd.models.STUDENTS.get(name)(...)).")
     p.add_argument("kind", choices=["teachers", "students", "datasets", "scan-backends"])
     return parser
 
@@ -114,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgepkd: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("\nedgepkd: interrupted; the last finished epoch is checkpointed: rerun the same command "
-              "with --resume to continue", file=sys.stderr)
+        if args.command in ("distill", "demo") and not getattr(args, "dry_run", False):
+            print("\nedgepkd: interrupted; the last finished epoch is checkpointed: rerun the same command "
+                  "with --resume to continue", file=sys.stderr)
+        else:
+            print("\nedgepkd: interrupted", file=sys.stderr)
         return 130
 
 
@@ -224,7 +228,7 @@ def cmd_evaluate(args) -> int:
     from edgepkd.data import load_dataset
     from edgepkd.distill.trainer import accuracy, eval_mode, predict
     from edgepkd.errors import RunError
-    from edgepkd.models import load_model
+    from edgepkd.models import load_model, set_scan_backend
     from edgepkd.recipe import load_recipe
     from edgepkd.report import load_metrics
     from edgepkd.rundir import RunDir
@@ -244,6 +248,8 @@ def cmd_evaluate(args) -> int:
         if not path.exists() and row["name"] == "teacher" and recipe.teacher.checkpoint:
             continue  # a loaded teacher is not copied into the run
         model, _ = load_model(path)
+        if row["arch"] == "mamba":
+            set_scan_backend(model, recipe.scan_backend)
         logits[row["name"]] = predict(eval_mode([model]), data, data.test.x)
         acc = accuracy(logits[row["name"]], data.test.y)
         results.append({"name": row["name"], "test_acc": acc, "recorded": row["test_acc"]})

@@ -108,6 +108,11 @@ def _coerce(tp: Any, value: Any, path: str, source: str) -> Any:
             fail()
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                fail()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
         return float(value)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgepkd.errors import DataError
+from edgepkd.errors import ConfigError, DataError
 from edgepkd.recipe import DataConfig
 from edgepkd.registry import Registry
 
@@ -92,10 +92,15 @@ def load_dataset(cfg: DataConfig, seed: int, data_dir: str | None = None) -> Dat
     perm = torch.randperm(len(trainval), generator=gen)
     n_val = int(round(cfg.val_fraction * len(trainval)))
     val, train = _take(trainval, perm[:n_val]), _take(trainval, perm[n_val:])
+    if cfg.image_size is not None and tuple(train.x.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        train, val, test = (_resize(s, cfg.image_size) for s in (train, val, test))
     if cfg.train_limit is not None:
         train = _take(train, torch.arange(min(cfg.train_limit, len(train))))
     if cfg.mean is not None:
         c = train.x.shape[1]
+        if len(cfg.mean) not in (1, c) or len(cfg.std) not in (1, c):
+            raise ConfigError(f"data.mean / data.std: '{cfg.dataset}' images have {c} channel(s); give 1 or {c} "
+                              "values each")
         mean, std = _per_channel(cfg.mean, c), _per_channel(cfg.std, c)
     else:
         xf = train.x.float() / 255.0
@@ -108,6 +113,13 @@ def load_dataset(cfg: DataConfig, seed: int, data_dir: str | None = None) -> Dat
 
 def _per_channel(values: list[float], channels: int) -> list[float]:
     return list(values) * channels if len(values) == 1 else list(values)
+
+
+def _resize(split: Split, size: int) -> Split:
+    """Bilinear (antialiased) resize of uint8 images to size x size."""
+    x = torch.nn.functional.interpolate(split.x.float(), size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)                        # (N, C, size, size)
+    return Split(x.round().clamp(0, 255).to(torch.uint8), split.y)
 
 
 def _take(split: Split, idx: torch.Tensor) -> Split:
@@ -246,11 +258,14 @@ def _read_folder(path: Path, image_size: int | None) -> tuple[Split, list[str]]:
         raise DataError(f"imagefolder: {path}: no images found in its class folders")
     images, size = [], None
     for f, _ in files:
-        with Image.open(f) as im:
-            im = im.convert("RGB")
-            if image_size is not None:
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                if image_size is not None:
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"imagefolder: {f}: cannot read the image ({e}); remove or replace it") from None
         if size is None:
             size = arr.shape
         elif arr.shape != size:

@@ -35,7 +35,7 @@ class DataConfig:
     dataset: str = "digits"            # digits | mnist | cifar10 | imagefolder:PATH | synthetic
     val_fraction: float = 0.1          # held out of the training set (accuracy for model selection)
     test_fraction: float = 0.2         # only for datasets without an official test split
-    image_size: int | None = None      # resize to this (imagefolder); None keeps the native size
+    image_size: int | None = None      # resize every image to image_size x image_size; None keeps the native size
     mean: list[float] | None = None    # per channel, in [0, 1] units; None: computed on the train split
     std: list[float] | None = None
     augment: Literal["none", "crop", "crop_flip"] = "none"  # random 'crop' (pad 1/8 of the size), +horizontal flip
@@ -165,7 +165,7 @@ def _demo_students() -> StudentsConfig:
 class Recipe:
     name: str = "digits"
     seed: int = 0
-    scan_backend: str = "auto"        # auto | torch | mamba_ssm (`edgepkd list scan-backends`)
+    scan_backend: Literal["auto", "torch", "chunked", "cpp", "closed", "mamba_ssm"] = "auto"  # training scan
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     students: StudentsConfig = field(default_factory=_demo_students)

@@ -30,6 +30,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,9 +61,12 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     if not Path(path).is_file():
         raise RunError(f"{path}: no such weights file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("edgepkd", "{}"))
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("edgepkd", "{}"))
+        return load_file(str(path)), meta
+    except Exception as e:  # not safetensors, truncated, bad header
+        raise RunError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -119,3 +119,14 @@ def test_cli_missing_dataset_files_exit_2(tmp_path):
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "MNIST/raw/train-images-idx3-ubyte" in res.stderr and "--data-dir" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_float_written_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; users write learning rates that way
+    r = load_recipe(write(tmp_path, {"distill": {"train": {"lr": "1e-3"}}}), ["teacher.train.lr=5e-4"])
+    assert r.distill.train.lr == 1e-3 and r.teacher.train.lr == 5e-4
+
+
+def test_unknown_scan_backend_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"scan_backend: 'cuda' is not allowed"):
+        load_recipe(write(tmp_path, {"scan_backend": "cuda"}))

@@ -76,3 +76,10 @@ def test_real_mnist_and_cifar10_jpg_load():
         pytest.skip("no cifar10-jpg under EDGEPKD_DATA")
     c = load_dataset(DataConfig(dataset="cifar10", train_limit=None), seed=0, data_dir=str(root))
     assert len(c.test) == 10000 and c.input_shape == (3, 32, 32) and c.num_classes == 10
+
+
+def test_image_size_resizes_every_dataset_and_mean_std_must_fit_channels():
+    d = load_dataset(DataConfig(image_size=16), seed=0)
+    assert d.input_shape == (1, 16, 16) and d.test.x.dtype == torch.uint8
+    with pytest.raises(ConfigError, match="images have 1 channel"):
+        load_dataset(DataConfig(mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2]), seed=0)

@@ -118,6 +118,9 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
     for c in chosen:
         for m in c.members:
             path = run.weights_path(m)
+            if not path.is_file() and m == "teacher":
+                raise RunError(f"{run_path}: the teacher was loaded from teacher.checkpoint and is not in the run; "
+                               "export it from that file's run")
             if not path.is_file():
                 raise RunError(f"{run_path}: incomplete run, weights/{path.name} is missing")
             if m not in loaded:
@@ -135,7 +138,12 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
     out_dir = run.path / "export" / target.name
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"artifacts": []}
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"artifacts": []}
+        previous = list(manifest["artifacts"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RunError(f"{manifest_path}: not a manifest edgepkd wrote (invalid JSON); move it away and "
+                       "export again") from None
     entries = []
     for c in chosen:
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
@@ -166,14 +174,15 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
             raise VerificationError(f"{target.name}: {c.name} failed verification on {result.images} test "
                                     f"images: {'; '.join(result.failures)} (nothing written; --no-verify skips "
                                     "this check)")
+        entry = _entry(tmp, c, target, runner, meta, result)
+        entry["file"] = final.name
         os.replace(tmp, final)
-        entry = _entry(final, c, target, runner, meta, result)
         entries.append(entry)
+        # the manifest follows every replaced file at once, so it never describes an older artifact
+        keep = [e for e in previous if e["file"] not in {x["file"] for x in entries}]
+        atomic_write_json(manifest_path, {"edgepkd_version": edgepkd.__version__, "target": target.name,
+                                          "artifacts": sorted(keep + entries, key=lambda e: e["file"])})
         log(_describe(entry))
-    keep = [e for e in manifest["artifacts"] if e["file"] not in {x["file"] for x in entries}]
-    manifest = {"edgepkd_version": edgepkd.__version__, "target": target.name,
-                "artifacts": sorted(keep + entries, key=lambda e: e["file"])}
-    atomic_write_json(manifest_path, manifest)
     return entries
 
 

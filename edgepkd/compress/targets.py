@@ -93,6 +93,9 @@ def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:
     """Built-in targets, then ``./export/`` and ``extra_dirs``; a later file with a known name fails."""
     registry: Registry[ExportTarget] = Registry("export target")
     seen: set[Path] = set()
+    for folder in map(Path, extra_dirs):
+        if not folder.is_dir():
+            raise ConfigError(f"--targets-dir {folder}: no such directory")
     for folder in [BUILTIN_DIR, Path.cwd() / "export", *map(Path, extra_dirs)]:
         if not folder.is_dir() or folder.resolve() in seen:
             continue

@@ -60,7 +60,7 @@ class Runner:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:
             raise EdgepkdError(f"{path}: torch.export.load cannot load it: {str(e).splitlines()[0]}") from None
-        self.threads = threads
+        # ``threads`` is not applied: torch's thread count is process-wide, and this runner shares the process
         self.version = torch.__version__
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -99,7 +99,10 @@ def check_recipe(recipe: Recipe, data: Dataset) -> list[tuple[dict, FlopReport]]
     """Everything that needs the data's shape: the teacher builds, the students plan. Returns the plan."""
     from edgepkd.models import TEACHERS
 
-    c, h, _ = data.input_shape
+    c, h, w = data.input_shape
+    if h != w:
+        raise ConfigError(f"data.image_size: images of '{recipe.data.dataset}' are {h}x{w}; students need square "
+                          "images: set data.image_size to resize them")
     try:
         TEACHERS.get(recipe.teacher.arch)
     except ConfigError as e:
@@ -139,11 +142,11 @@ class Distiller:
     def _build(self, arch: str, spec: dict, seed_stage: str) -> nn.Module:
         c, h, _ = self.data.input_shape
         k = self.data.num_classes
+        builder = build_student if arch == "mamba" else lambda *a: build_teacher(arch, *a)
+        model = init_seeded(lambda: builder(spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
         if arch == "mamba":
-            model = init_seeded(lambda: build_student(spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
             set_scan_backend(model, self.recipe.scan_backend)
-            return model
-        return init_seeded(lambda: build_teacher(arch, spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
+        return model.to(self.dist.device)
 
     def _stage(self, stage: str, role: str, arch: str, spec: dict, targets: StageTargets | None,
                train_cfg) -> Member:
@@ -153,7 +156,7 @@ class Distiller:
         done = self.run.state()["stages"].get(stage)
         path = self.run.weights_path(stage)
         if done is not None and path.exists():
-            model.load_state_dict(load_safetensors(path)[0])
+            model.load_state_dict({k: v.to(self.dist.device) for k, v in load_safetensors(path)[0].items()})
             member.info = done
         else:
             member.info = fit(model, self.data, train_cfg, stage=stage, seed=self.recipe.seed,
@@ -172,7 +175,7 @@ class Distiller:
         model = self._build(t.arch, dict(t.args), "teacher")
         state, _ = load_safetensors(Path(t.checkpoint))
         try:
-            model.load_state_dict(state)
+            model.load_state_dict({k: v.to(self.dist.device) for k, v in state.items()})
         except RuntimeError as e:
             raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not fit teacher '{t.arch}' "
                               f"{t.args}: {str(e).splitlines()[0]}") from None

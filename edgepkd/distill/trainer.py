@@ -1,9 +1,10 @@
 """One training stage: a model learns from labels, optionally from soft targets, optionally on top of the
 frozen logits of an ensemble so far. Resumable per epoch, deterministic, ready for DDP.
 
-Determinism: every random choice (initialisation, batch order, augmentation) is drawn from a generator
-seeded by (recipe seed, stage name, epoch), so a run resumed from its last finished epoch reproduces the
-uninterrupted run exactly; nothing reads or writes torch's global RNG.
+Determinism: every random choice (initialisation, batch order, augmentation, dropout) is drawn from a seed
+derived from (recipe seed, stage name, epoch), so a run resumed from its last finished epoch reproduces the
+uninterrupted run exactly on CPU. Dropout uses torch's global CPU RNG, seeded per epoch inside ``fork_rng``
+and restored afterwards.
 
 DDP-readiness: ``DistContext`` carries rank / world size; each rank takes its shard of the epoch's
 permutation (DistributedSampler's rule) and only rank 0 writes checkpoints or prints.
@@ -139,7 +140,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
     model.to(dist.device)
     optimizer = make_optimizer(model, cfg)
     per_rank = math.ceil(len(data.train) / dist.world_size)
-    steps_per_epoch = max(1, per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
+    steps_per_epoch = max(1, per_rank // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     info = run.load_checkpoint(stage, model, optimizer) if run is not None else None
     start_epoch = info["epoch"] if info else 0
