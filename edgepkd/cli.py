@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgepkdError as e:
         print(f"edgepkd: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # e.g. `edgepkd ... --json | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         if args.command in ("distill", "demo") and not getattr(args, "dry_run", False):
             print("\nedgepkd: interrupted; the last finished epoch is checkpointed: rerun the same command "
