@@ -173,7 +173,7 @@ def _distill(recipe_path: str | None, args) -> int:
     run.create(to_dict(recipe), resume=args.resume)
     reporter = None if args.quiet else RichReporter()
     t0 = time.perf_counter()
-    members = Distiller(recipe, data, run, reporter=reporter, dist=dist).run_all()
+    members = Distiller(recipe, data, run, reporter=reporter, dist=dist).run_all(plan)
     metrics = {
         "recipe": recipe.name, "run": str(run.path), "edgepkd_version": __version__,
         "dataset": {"name": data.name, "train": len(data.train), "val": len(data.val), "test": len(data.test),
@@ -230,17 +230,13 @@ def _print_summary(metrics: dict) -> None:
 def cmd_evaluate(args) -> int:
     from edgepkd.data import load_dataset
     from edgepkd.distill.trainer import accuracy, eval_mode, predict
-    from edgepkd.errors import RunError
     from edgepkd.models import load_model, set_scan_backend
     from edgepkd.recipe import load_recipe
     from edgepkd.report import load_metrics
     from edgepkd.rundir import RunDir
 
     run = RunDir(args.run)
-    for needed in (run.recipe_path, run.metrics_path):
-        if not needed.exists():
-            raise RunError(f"{args.run}: incomplete run, {needed.name} is missing (finish it with "
-                           "edgepkd distill RECIPE --resume)")
+    run.require_complete()
     recipe = load_recipe(run.recipe_path)
     data = load_dataset(recipe.data, recipe.seed, args.data_dir)
     metrics = load_metrics(run.path)
@@ -303,12 +299,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from edgepkd.errors import RunError
     from edgepkd.report import load_metrics, write_report
+    from edgepkd.rundir import RunDir
 
     path = Path(args.run)
-    if not (path / "metrics.json").exists():
-        raise RunError(f"{path}: no metrics.json (the run has not finished; resume it with --resume)")
+    RunDir(path).require_complete()
     write_report(path, load_metrics(path))
     print(f"wrote {path}/report.md and {path}/accuracy_vs_mflops.png")
     return 0

@@ -132,6 +132,15 @@ class RunDir:
             raise RunError(f"{self.path}: nothing to resume (no recipe.yaml); drop --resume to start the run")
         atomic_write_text(self.recipe_path, yaml.safe_dump(recipe, sort_keys=False))
 
+    def require_complete(self) -> None:
+        """A finished run: its directory, recipe.yaml and metrics.json exist (else a one-line RunError)."""
+        if not self.path.is_dir():
+            raise RunError(f"{self.path}: no such run directory")
+        for needed in (self.recipe_path, self.metrics_path):
+            if not needed.is_file():
+                raise RunError(f"{self.path}: incomplete run, {needed.name} is missing "
+                               "(finish it with: edgepkd distill RECIPE --resume)")
+
     def state(self) -> dict:
         if self.state_path.exists():
             return json.loads(self.state_path.read_text())

@@ -104,12 +104,7 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
     from edgepkd.report import load_metrics
 
     run = RunDir(run_path)
-    if not run.path.is_dir():
-        raise RunError(f"{run_path}: no such run directory")
-    for needed in (run.recipe_path, run.metrics_path):
-        if not needed.is_file():
-            raise RunError(f"{run_path}: incomplete run, {needed.name} is missing "
-                           "(finish it with: edgepkd distill RECIPE --resume)")
+    run.require_complete()
     require_runtime(target)
     exporter = importlib.import_module(EXPORTERS[target.format])
     metrics = load_metrics(run.path)

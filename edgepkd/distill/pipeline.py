@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 import edgepkd
@@ -183,9 +182,11 @@ class Distiller:
         return Member("teacher", "teacher", t.arch, dict(t.args), model,
                       count_flops(model, self.data.input_shape), {"loaded_from": t.checkpoint, "train_time_s": 0.0})
 
-    def run_all(self) -> list[Member]:
-        r, d = self.recipe, self.recipe.distill
-        specs = [s for s, _ in plan_students(r, self.data.input_shape, self.data.num_classes)]
+    def run_all(self, plan: list[tuple[dict, FlopReport]] | None = None) -> list[Member]:
+        """Train every stage; ``plan`` is ``check_recipe``'s result when the caller already has it."""
+        d = self.recipe.distill
+        plan = plan if plan is not None else plan_students(self.recipe, self.data.input_shape, self.data.num_classes)
+        specs = [s for s, _ in plan]
         teacher = self.teacher()
         members = [teacher]
         teacher_src = _logit_source([teacher.model], self.data, self.cache, self.dist.device)
