@@ -67,6 +67,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float | None = 1.0      # max global grad norm; null disables
+    augment: Literal["none", "crop", "crop_flip"] | None = None  # this stage's augmentation; null: data.augment
 
     def __post_init__(self):
         check(self.epochs >= 1, "epochs", "must be at least 1")
@@ -87,6 +88,16 @@ class TeacherConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """A reference model trained from labels alone with its own budget (e.g. MLPerf Tiny's ResNet-8), reported
+    and plotted beside the students for an honest comparison; never distilled, never exported."""
+
+    arch: str = "resnet8"                     # a registered teacher architecture: `edgepkd list teachers`
+    args: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class StudentSpec:
     """One Mamba student: patch embedding -> ``depth`` residual Mamba blocks -> mean pool -> head."""
 
@@ -98,10 +109,13 @@ class StudentSpec:
     patch_size: int = 2
     bidirectional: bool = False
     dt_rank: int | None = None        # None: ceil(d_model / 16), as in Mamba
+    stem: Literal["patch", "conv"] = "patch"  # patch: one linear map per patch (ViT); conv: 3x3 s2 conv-BN-ReLU
+                                              # then a (patch_size/2) patch conv (a hybrid, cheap local features)
 
     def __post_init__(self):
         for name in ("d_model", "depth", "d_state", "expand", "d_conv", "patch_size"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.stem == "patch" or self.patch_size % 2 == 0, "patch_size", "stem 'conv' needs an even patch_size")
         check(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be at least 1 or null")
 
 
@@ -126,11 +140,18 @@ class StudentsConfig:
 
     sizes: list[StudentSpec] | None = None
     progression: ProgressionConfig | None = None
+    epochs: list[int] | None = None   # per student, largest first (overrides distill.train.epochs): small
+                                      # students cost little per epoch and need more of them
 
     def __post_init__(self):
         check((self.sizes is None) != (self.progression is None), "sizes",
               "give exactly one of 'sizes' (a list of students) or 'progression' (a rule)")
         check(self.sizes is None or len(self.sizes) >= 1, "sizes", "must list at least one student")
+        if self.epochs is not None:
+            count = len(self.sizes) if self.sizes is not None else self.progression.count
+            check(len(self.epochs) == count, "epochs", f"must list one value per student ({count}), "
+                  f"got {len(self.epochs)}")
+            check(all(e >= 1 for e in self.epochs), "epochs", "values must be at least 1")
 
 
 @dataclass
@@ -168,6 +189,7 @@ class Recipe:
     scan_backend: Literal["auto", "torch", "chunked", "cpp", "closed", "mamba_ssm"] = "auto"  # training scan
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    baselines: list[BaselineConfig] = field(default_factory=list)
     students: StudentsConfig = field(default_factory=_demo_students)
     distill: DistillConfig = field(default_factory=DistillConfig)
 

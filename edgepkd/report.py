@@ -33,13 +33,14 @@ def render_markdown(metrics: dict) -> str:
         for p in metrics["ensemble_prefixes"]:
             lines.append(f"| {p['name']} | ensemble | {p['params']:,} | {p['mflops']:.3f} | "
                          f"{p['pct_teacher_flops']:.2f} | {_fmt(p['test_acc'], '.2f')} | {p['train_time_s']:.1f} |")
-    lines += ["", "## Student architectures", "", "| model | d_model | depth | d_state | expand | patch | bidirectional |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "## Student architectures", "",
+              "| model | d_model | depth | d_state | expand | patch | stem | bidirectional |",
+              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in metrics["models"]:
         if r["arch"] == "mamba":
             s = r["spec"]
             lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['expand']} | "
-                         f"{s['patch_size']} | {s['bidirectional']} |")
+                         f"{s['patch_size']} | {s.get('stem', 'patch')} | {s['bidirectional']} |")
     env = metrics["environment"]
     lines += ["", f"Wall time {metrics['wall_time_s']:.0f} s on {env['machine']} ({env['cpus']} CPUs), "
               f"torch {env['torch']}, scan backend `{env['scan_backend']}`, edgepkd {env['edgepkd']}.",
@@ -56,12 +57,14 @@ def render_plot(metrics: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     # Ensemble members alone are residual learners (meaningful only in their prefix): not plotted.
     for role, color, marker, size, label in (("teacher", "k", "*", 160, "teacher"),
-                                             ("chain", "tab:blue", "o", 40, "chain students")):
+                                             ("chain", "tab:blue", "o", 40, "chain students"),
+                                             ("baseline", "tab:green", "s", 60, "CNN baselines (labels only)")):
         rows = [r for r in metrics["models"] if r["role"] == role and r["test_acc"] is not None]
         if rows:
             ax.scatter([r["mflops"] for r in rows], [r["test_acc"] for r in rows], c=color, marker=marker,
                        s=size, label=label, zorder=3)
-            ax.plot([r["mflops"] for r in rows], [r["test_acc"] for r in rows], c=color, lw=1)
+            if role == "chain":
+                ax.plot([r["mflops"] for r in rows], [r["test_acc"] for r in rows], c=color, lw=1)
     prefixes = [p for p in metrics["ensemble_prefixes"] if p["test_acc"] is not None]
     if prefixes:
         ax.plot([p["mflops"] for p in prefixes], [p["test_acc"] for p in prefixes], c="tab:red", marker="D",

@@ -109,3 +109,42 @@ def test_students_must_shrink(tiny_recipe, tmp_path, capsys):
     code = distill(tiny_recipe, tmp_path / "runs", "--dry-run", "--set", "students.sizes.1.d_model=32")
     assert code == 2
     assert "students.sizes.1:" in capsys.readouterr().err
+
+
+def test_baseline_conv_stem_and_per_stage_augmentation(tiny_recipe, tmp_path, capsys):
+    """A labels-only CNN baseline is trained, reported, plotted and re-evaluated beside the students; a
+    conv-stem student trains; the teacher may augment while the students (cached logits) do not."""
+    code = distill(tiny_recipe, tmp_path / "runs", "--json",
+                   "--set", "baselines=[{arch: cnn, args: {width: 8, stages: 2}, train: {epochs: 5, batch_size: 32, lr: 0.01}}]",
+                   "--set", "students.sizes.0.stem=conv",
+                   "--set", "teacher.train.augment=crop_flip",
+                   "--set", "distill.strategies=[chain]")
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out)
+    rows = {m["name"]: m for m in metrics["models"]}
+    assert list(rows) == ["teacher", "baseline/cnn", "chain/s1", "chain/s2"]
+    assert rows["baseline/cnn"]["role"] == "baseline" and rows["baseline/cnn"]["test_acc"] > 25
+    assert rows["chain/s1"]["spec"]["stem"] == "conv" and rows["chain/s2"]["spec"]["stem"] == "patch"
+    run = tmp_path / "runs" / "tiny"
+    assert "| baseline/cnn | baseline |" in (run / "report.md").read_text()
+    assert main(["evaluate", str(run)]) == 0
+
+
+def test_bad_baseline_arch_names_its_index(tiny_recipe, tmp_path, capsys):
+    code = distill(tiny_recipe, tmp_path / "runs", "--dry-run", "--set", "baselines=[{arch: resnet9}]")
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "error:" in err and "baselines.0" in err and "resnet8" in err and len(err.splitlines()) == 1
+
+
+def test_per_student_epochs(tiny_recipe, tmp_path, capsys):
+    """students.epochs gives each student (and its ensemble twin) its own number of epochs."""
+    assert distill(tiny_recipe, tmp_path / "runs", "--set", "students.epochs=[1, 3]",
+                   "--set", "distill.strategies=[chain, ensemble]") == 0
+    state = json.loads((tmp_path / "runs" / "tiny" / "state.json").read_text())["stages"]
+    epochs = {name: len(info["history"]) for name, info in state.items()}
+    # ensemble is trained smallest first: e1 is the second (smaller) student
+    assert epochs["chain/s1"] == 1 and epochs["chain/s2"] == 3
+    assert epochs["ensemble/e1"] == 3 and epochs["ensemble/e2"] == 1
+    assert distill(tiny_recipe, tmp_path / "runs2", "--dry-run", "--set", "students.epochs=[1]") == 2
+    assert "students.epochs: must list one value per student (2), got 1" in capsys.readouterr().err

@@ -75,3 +75,23 @@ def test_export_mode_forces_torch_scan_and_restores():
     assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"auto"}
     with pytest.raises(ConfigError, match="unknown scan backend"):
         set_scan_backend(model, "cuda")
+
+
+def test_conv_stem_student_counts_its_stem_and_needs_an_even_patch():
+    from edgepkd.measure.flops import count_flops
+
+    patch = MambaStudent(10, 3, 32, d_model=16, depth=1, d_state=4, patch_size=4)
+    conv = MambaStudent(10, 3, 32, d_model=16, depth=1, d_state=4, patch_size=4, stem="conv")
+    x = torch.randn(2, 3, 32, 32)
+    assert conv.forward_features(x).shape == patch.forward_features(x).shape == (2, 64, 16)
+    conv(x).sum().backward()
+    assert all(p.grad is not None for p in conv.parameters())
+    a, b = count_flops(patch, (3, 32, 32)), count_flops(conv, (3, 32, 32))
+    # the conv stem: 3x3 stride-2 conv 3->8 at 16x16, then a 2x2 stride-2 conv 8->16 at 8x8 (+ bias)
+    stem_macs = 3 * 9 * 8 * 16 * 16 + 8 * 4 * 16 * 8 * 8
+    assert b.macs - a.macs == stem_macs - 3 * 16 * 16 * 64
+    assert conv.spec["stem"] == "conv"
+    with pytest.raises(ValueError, match="even patch_size"):
+        MambaStudent(10, 1, 28, d_model=8, patch_size=7, stem="conv")
+    with pytest.raises(ValueError, match="stem 'pixel'"):
+        MambaStudent(10, 1, 28, d_model=8, patch_size=7, stem="pixel")

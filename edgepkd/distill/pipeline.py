@@ -10,6 +10,7 @@ ensemble  students trained one after another as weak learners: student k learns 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.data import Dataset
 from edgepkd.distill.trainer import (DistContext, Logits, Reporter, StageTargets, accuracy, eval_mode, fit,
-                                     init_seeded, predict, stage_seed)
+                                     init_seeded, predict, predict_sharded, stage_seed)
 from edgepkd.errors import ConfigError
 from edgepkd.measure.flops import FlopReport, count_flops
 from edgepkd.models import build_student, build_teacher, set_scan_backend
@@ -107,12 +108,25 @@ def check_recipe(recipe: Recipe, data: Dataset) -> list[tuple[dict, FlopReport]]
     except ConfigError as e:
         raise ConfigError(f"teacher.arch: {e}") from None
     build_teacher(recipe.teacher.arch, dict(recipe.teacher.args), data.num_classes, c, h)
+    for i, b in enumerate(recipe.baselines):
+        try:
+            TEACHERS.get(b.arch)
+            build_teacher(b.arch, dict(b.args), data.num_classes, c, h)
+        except ConfigError as e:
+            raise ConfigError(f"baselines.{i}: {e}") from None
     if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: {recipe.teacher.checkpoint}: no such file")
     return plan_students(recipe, data.input_shape, data.num_classes)
 
 
 # ------------------------------------------------------------------------------------------ the run
+def baseline_stage(recipe: Recipe, i: int) -> str:
+    """'baseline/resnet8', or 'baseline/resnet8-2' when the recipe lists that arch more than once."""
+    arch = recipe.baselines[i].arch
+    n = sum(b.arch == arch for b in recipe.baselines[:i])
+    return f"baseline/{arch}" + (f"-{n + 1}" if n else "")
+
+
 def _weights_meta(member: Member, recipe: Recipe, data: Dataset) -> dict:
     return {"edgepkd_version": edgepkd.__version__, "stage": member.stage, "role": member.role,
             "arch": member.arch, "spec": member.spec, "num_classes": data.num_classes,
@@ -121,10 +135,11 @@ def _weights_meta(member: Member, recipe: Recipe, data: Dataset) -> dict:
             "params": member.flops.params}
 
 
-def _logit_source(models: list[nn.Module], data: Dataset, cache: bool, device) -> Logits:
-    """Frozen logits of ``models`` (summed): cached over the training set once when allowed."""
+def _logit_source(models: list[nn.Module], data: Dataset, cache: bool, dist: DistContext) -> Logits:
+    """Frozen logits of ``models`` (summed): cached over the training set once when allowed (under DDP each
+    rank computes its block of rows and they are gathered: the set is computed once, not once per rank)."""
     fn = eval_mode(models)
-    table = predict(fn, data, data.train.x, device=device) if cache else None  # (N_train, K)
+    table = predict_sharded(fn, data, data.train.x, dist) if cache else None  # (N_train, K)
     return lambda idx, x: table[idx].to(x.device) if table is not None and idx is not None else fn(x)
 
 
@@ -136,7 +151,10 @@ class Distiller:
         self.recipe, self.data, self.run = recipe, data, run
         self.reporter = reporter
         self.dist = dist or DistContext()
-        self.cache = recipe.distill.cache_teacher and recipe.data.augment == "none"
+        self.cache = recipe.distill.cache_teacher and self._augment(recipe.distill.train) == "none"
+
+    def _augment(self, train_cfg) -> str:
+        return train_cfg.augment if train_cfg.augment is not None else self.recipe.data.augment
 
     def _build(self, arch: str, spec: dict, seed_stage: str) -> nn.Module:
         c, h, _ = self.data.input_shape
@@ -159,7 +177,7 @@ class Distiller:
             member.info = done
         else:
             member.info = fit(model, self.data, train_cfg, stage=stage, seed=self.recipe.seed,
-                              augment_mode=self.recipe.data.augment, targets=targets, run=self.run,
+                              augment_mode=self._augment(train_cfg), targets=targets, run=self.run,
                               reporter=self.reporter, dist=self.dist)
             if self.dist.is_main:
                 save_safetensors(path, model.state_dict(), _weights_meta(member, self.recipe, self.data))
@@ -187,25 +205,31 @@ class Distiller:
         d = self.recipe.distill
         plan = plan if plan is not None else plan_students(self.recipe, self.data.input_shape, self.data.num_classes)
         specs = [s for s, _ in plan]
+        epochs = self.recipe.students.epochs or [d.train.epochs] * len(specs)
+        train = [dataclasses.replace(d.train, epochs=e) for e in epochs]   # per student, largest first
         teacher = self.teacher()
         members = [teacher]
-        teacher_src = _logit_source([teacher.model], self.data, self.cache, self.dist.device)
+        for i, b in enumerate(self.recipe.baselines):
+            members.append(self._stage(baseline_stage(self.recipe, i), "baseline", b.arch, dict(b.args),
+                                       StageTargets(alpha=1.0), b.train))
+        teacher_src = _logit_source([teacher.model], self.data, self.cache, self.dist)
         if "chain" in d.strategies:
             src = teacher_src
             for i, spec in enumerate(specs):
                 m = self._stage(f"chain/s{i + 1}", "chain", "mamba", spec,
-                                StageTargets(soft=src, temperature=d.temperature, alpha=d.alpha), d.train)
+                                StageTargets(soft=src, temperature=d.temperature, alpha=d.alpha), train[i])
                 members.append(m)
                 if d.chain_source == "previous" and i + 1 < len(specs):
-                    src = _logit_source([m.model], self.data, self.cache, self.dist.device)
+                    src = _logit_source([m.model], self.data, self.cache, self.dist)
         if "ensemble" in d.strategies:
-            order = specs if d.ensemble_order == "descending" else specs[::-1]
+            order = list(zip(specs, train))
+            order = order if d.ensemble_order == "descending" else order[::-1]
             done: list[nn.Module] = []
-            for k, spec in enumerate(order):
-                base = _logit_source(done, self.data, self.cache, self.dist.device) if done else None
+            for k, (spec, train_cfg) in enumerate(order):
+                base = _logit_source(done, self.data, self.cache, self.dist) if done else None
                 m = self._stage(f"ensemble/e{k + 1}", "ensemble", "mamba", spec,
                                 StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
-                                             alpha=d.alpha, hard_weight=d.ensemble_hard_weight), d.train)
+                                             alpha=d.alpha, hard_weight=d.ensemble_hard_weight), train_cfg)
                 members.append(m)
                 done.append(m.model)
         return members

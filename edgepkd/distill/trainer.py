@@ -1,13 +1,17 @@
 """One training stage: a model learns from labels, optionally from soft targets, optionally on top of the
-frozen logits of an ensemble so far. Resumable per epoch, deterministic, ready for DDP.
+frozen logits of an ensemble so far. Resumable per epoch, deterministic, single-process or DDP.
 
 Determinism: every random choice (initialisation, batch order, augmentation, dropout) is drawn from a seed
 derived from (recipe seed, stage name, epoch), so a run resumed from its last finished epoch reproduces the
 uninterrupted run exactly on CPU. Dropout uses torch's global CPU RNG, seeded per epoch inside ``fork_rng``
 and restored afterwards.
 
-DDP-readiness: ``DistContext`` carries rank / world size; each rank takes its shard of the epoch's
-permutation (DistributedSampler's rule) and only rank 0 writes checkpoints or prints.
+Data parallel (``edgepkd.distill.distributed``): the batch order is torch's ``DistributedSampler``, reseeded
+per (seed, stage, epoch) with ``set_epoch``. The recipe's batch size is the global batch: each of the N
+processes takes batch_size / N of it, so a step sees the same images (the epoch permutation's next batch_size)
+and the same learning-rate schedule whatever N is; DDP averages the gradients. What still differs from one
+process: BatchNorm statistics per process, dropout and augmentation drawn per rank, float summation order.
+Only rank 0 writes checkpoints; every rank resumes from the same one.
 """
 
 from __future__ import annotations
@@ -15,29 +19,20 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
+from torch.utils.data.distributed import DistributedSampler
 
 from edgepkd.data import Dataset, augment
+from edgepkd.distill.distributed import DistContext
 from edgepkd.distill.losses import hardness_weights, kd_loss
 from edgepkd.recipe import TrainConfig
 from edgepkd.rundir import RunDir
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (train indices, normalised batch) -> (B, K)
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def stage_seed(seed: int, stage: str, epoch: int = -1) -> int:
@@ -64,14 +59,6 @@ class SilentReporter:
     def step(self, *a, **k): pass
     def epoch_end(self, *a, **k): pass
     def stage_end(self, *a, **k): pass
-
-
-def epoch_indices(n: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """This rank's shard of a seeded permutation of range(n) (DistributedSampler's rule, padded to divide)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    total = math.ceil(n / world_size) * world_size
-    perm = torch.cat([perm, perm[: total - n]])
-    return perm[rank:total:world_size]
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -103,6 +90,13 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], data: Dataset, x_uint8: 
     out = [fn(data.normalize(x_uint8[i:i + batch_size]).to(device)).float().cpu()
            for i in range(0, len(x_uint8), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, data.num_classes)
+
+
+def predict_sharded(fn: Callable[[torch.Tensor], torch.Tensor], data: Dataset, x_uint8: torch.Tensor,
+                    dist: DistContext) -> torch.Tensor:
+    """``predict`` over all of ``x_uint8`` with each rank computing only its block of rows: (N, K) on every rank."""
+    rows = dist.shard(len(x_uint8))
+    return dist.gather_rows(predict(fn, data, x_uint8[rows], device=dist.device), len(x_uint8))
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -139,19 +133,30 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
     reporter = reporter or SilentReporter()
     model.to(dist.device)
     optimizer = make_optimizer(model, cfg)
-    per_rank = math.ceil(len(data.train) / dist.world_size)
-    steps_per_epoch = max(1, per_rank // cfg.batch_size)
+    local_batch = dist.local_batch(cfg.batch_size, f"{stage}: train.batch_size")
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    info = run.load_checkpoint(stage, model, optimizer) if run is not None else None
+    info = run.load_checkpoint(stage, model, optimizer) if run is not None else None  # every rank, same file
     start_epoch = info["epoch"] if info else 0
     history = info["history"] if info else []
     train_time = info["train_time_s"] if info else 0.0
+    trained = dist.wrap(model)  # DDP after loading: its construction broadcasts rank 0's state
+    # rank r's k-th batch of its shard [r::N] is rows r::N of the permutation's k-th global batch. The sampler
+    # seeds its generator with seed + epoch: seed 0 and set_epoch(stage_seed(...)) draw the epoch's order from
+    # (recipe seed, stage, epoch) like every other random choice here.
+    sampler = DistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=0,
+                                 drop_last=False)
+    rank_tag = f"/rank{dist.rank}" if dist.rank else ""  # rank 0 draws what a single process draws
 
     reporter.stage_start(stage, cfg.epochs, steps_per_epoch, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(stage_seed(seed, stage, epoch))
         with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: seed it per epoch, locally
-            torch.manual_seed(stage_seed(seed, stage + "/dropout", epoch))
-            stats = _epoch(model, optimizer, data, cfg, stage=stage, seed=seed, epoch=epoch,
+            torch.manual_seed(stage_seed(seed, stage + "/dropout" + rank_tag, epoch))
+            stats = _epoch(trained, model, optimizer, data, cfg, stage=stage, epoch=epoch,
+                           indices=torch.tensor(list(sampler)), local_batch=local_batch,
+                           augment_gen=torch.Generator().manual_seed(
+                               stage_seed(seed, stage + "/augment" + rank_tag, epoch)),
                            steps_per_epoch=steps_per_epoch, total_steps=total_steps, augment_mode=augment_mode,
                            targets=targets, reporter=reporter, dist=dist)
         train_time += stats.pop("train_s")
@@ -159,6 +164,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
         if run is not None and dist.is_main:
             run.save_checkpoint(stage, model, optimizer,
                                 {"epoch": epoch + 1, "history": history, "train_time_s": train_time})
+        dist.barrier()  # no rank starts the next epoch before this one is on disk: a failure can resume it
         reporter.epoch_end(stage, epoch + 1, cfg.epochs, stats)
     reporter.stage_end(stage)
     model.eval()
@@ -166,29 +172,30 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
             "val_acc": history[-1]["val_acc"] if history else None}
 
 
-def _epoch(model, optimizer, data: Dataset, cfg: TrainConfig, *, stage: str, seed: int, epoch: int,
+def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: TrainConfig, *, stage: str,
+           epoch: int, indices: torch.Tensor, local_batch: int, augment_gen: torch.Generator,
            steps_per_epoch: int, total_steps: int, augment_mode: str, targets: StageTargets,
            reporter: Reporter, dist: DistContext) -> dict:
-    """One epoch of training then validation; returns its stats (and 'train_s', the training time)."""
-    n = len(data.train)
+    """One epoch of training then validation; returns its stats (and 'train_s', the training time).
+
+    ``trained`` is ``model`` itself or its DDP wrapper; ``indices`` this rank's share of the epoch's order.
+    """
     t0 = time.perf_counter()
-    model.train()
-    idx_all = epoch_indices(n, stage_seed(seed, stage, epoch), dist.rank, dist.world_size)
-    gen = torch.Generator().manual_seed(stage_seed(seed, stage + "/augment", epoch))
+    trained.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for step in range(steps_per_epoch):
-        idx = idx_all[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        idx = indices[step * local_batch:(step + 1) * local_batch]
         lr = lr_at(cfg, epoch * steps_per_epoch + step, total_steps, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = data.normalize(augment(data.train.x[idx], augment_mode, gen)).to(dist.device)  # (B, C, H, W)
+        x = data.normalize(augment(data.train.x[idx], augment_mode, augment_gen)).to(dist.device)  # (B, C, H, W)
         y = data.train.y[idx].to(dist.device)                                              # (B,)
         with torch.no_grad():
             soft = targets.soft(idx, x) if targets.soft is not None else None             # (B, K)
             base = targets.base(idx, x) if targets.base is not None else None             # (B, K)
             weight = (hardness_weights(soft, base, targets.temperature, targets.hard_weight)
                       if base is not None and soft is not None and targets.hard_weight > 0 else None)
-        logits = model(x)                                                                  # (B, K)
+        logits = trained(x)                                                                # (B, K)
         if base is not None:
             logits = logits + base
         loss = kd_loss(logits, y, soft, targets.temperature, targets.alpha, cfg.label_smoothing, weight)
@@ -202,11 +209,17 @@ def _epoch(model, optimizer, data: Dataset, cfg: TrainConfig, *, stage: str, see
         seen += len(idx)
         reporter.step(loss.item())
     train_s = time.perf_counter() - t0
+    dist.sync_buffers(model)
     model.eval()
-    base_fn = targets.base
-    val_logits = predict(model, data, data.val.x, device=dist.device)
-    if base_fn is not None:
-        val_logits = val_logits + predict(lambda x: base_fn(None, x), data, data.val.x, device=dist.device)
+    # validation: each rank its block of the split; counts summed with the training ones in one all-reduce
+    rows = dist.shard(len(data.val))
+    val_logits = predict(model, data, data.val.x[rows], device=dist.device)                 # (rows, K)
+    if targets.base is not None:
+        base_fn = targets.base
+        val_logits = val_logits + predict(lambda x: base_fn(None, x), data, data.val.x[rows], device=dist.device)
+    val_correct = (val_logits.argmax(-1) == data.val.y[rows]).sum().item()
+    loss_sum, correct, seen, val_correct = dist.sum([loss_sum, correct, seen, val_correct])
+    n_val = len(data.val)
     return {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen),
-            "val_acc": accuracy(val_logits, data.val.y), "lr": lr, "time_s": time.perf_counter() - t0,
-            "train_s": train_s}
+            "val_acc": 100.0 * val_correct / n_val if n_val else None, "lr": lr,
+            "time_s": time.perf_counter() - t0, "train_s": train_s}

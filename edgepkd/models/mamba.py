@@ -83,21 +83,34 @@ class MambaBlock(nn.Module):
         return x + self.mixer(self.norm(x))
 
 
+STEMS = ("patch", "conv")
+
+
 class MambaStudent(nn.Module):
     """A Mamba image classifier; ``spec`` is the architecture dict (a ``StudentSpec`` as plain data)."""
 
     def __init__(self, num_classes: int, in_chans: int, image_size: int, d_model: int, depth: int = 1,
                  d_state: int = 8, expand: int = 2, d_conv: int = 4, patch_size: int = 2,
-                 bidirectional: bool = False, dt_rank: int | None = None):
+                 bidirectional: bool = False, dt_rank: int | None = None, stem: str = "patch"):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+        if stem not in STEMS:
+            raise ValueError(f"stem '{stem}' is not one of {', '.join(STEMS)}")
+        if stem == "conv" and patch_size % 2:
+            raise ValueError(f"stem 'conv' needs an even patch_size (got {patch_size})")
         self.spec = dict(d_model=d_model, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
-                         patch_size=patch_size, bidirectional=bidirectional, dt_rank=dt_rank)
+                         patch_size=patch_size, bidirectional=bidirectional, dt_rank=dt_rank, stem=stem)
         self.num_classes, self.num_features = num_classes, d_model
         self.seq_len = (image_size // patch_size) ** 2
         dt_rank = dt_rank or math.ceil(d_model / 16)
-        self.patch_embed = nn.Conv2d(in_chans, d_model, patch_size, stride=patch_size)
+        if stem == "patch":  # ViT / Vision Mamba: one linear projection per non-overlapping patch
+            self.patch_embed = nn.Conv2d(in_chans, d_model, patch_size, stride=patch_size)
+        else:                # conv: a 3x3 stride-2 conv-BN-ReLU, then the remaining patch_size/2 as a patch conv
+            half = max(8, d_model // 2)
+            self.patch_embed = nn.Sequential(
+                nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                nn.Conv2d(half, d_model, patch_size // 2, stride=patch_size // 2))
         self.pos_embed = nn.Parameter(torch.randn(1, self.seq_len, d_model) * 0.02)
         self.blocks = nn.ModuleList(
             MambaBlock(d_model, d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank,
