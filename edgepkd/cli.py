@@ -20,8 +20,12 @@ examples:
   edgepkd distill recipes/mnist.yaml --set distill.train.epochs=2 --set teacher.train.epochs=1 --name mnist-quick
   edgepkd distill recipes/cifar10.yaml --dry-run  students and their FLOPs, without training
   edgepkd distill recipes/mnist.yaml --resume    continue an interrupted run from its last finished epoch
+  edgepkd distill recipes/mnist.yaml --nproc 2   2 processes (DDP); more machines: torchrun ... -m edgepkd distill
   edgepkd export runs/digits --target onnx-int8  quantize, export and verify every student
   edgepkd export --list-targets
+  edgepkd bench runs/digits --device host        time every exported TFLite model here (the latency table)
+  edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets
+  edgepkd distill recipes/digits.yaml --device host   recipe -> exported, benchmarked, picked artifact
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
   edgepkd list teachers
 
@@ -42,6 +46,24 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout "
                    "(progress still goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--device", metavar="NAME", help="then export the device's targets, bench every candidate "
+                   "on it and pick one (as edgepkd export, bench and pick do); see edgepkd bench --list-devices")
+    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
+                   help="another folder of device profile YAML files (./devices/ is always read)")
+    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: "
+                   "DistributedDataParallel under torchrun (gloo on CPU, nccl with one GPU each); for several "
+                   "machines run torchrun yourself (see the README)")
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="runtime threads (default: the profile's)")
+    p.add_argument("--python", metavar="PATH", help="the device's Python with numpy and a runtime (default: the "
+                   "profile's; local: this one)")
+    p.add_argument("--random-input", action="store_true", help="time one random input instead of the run's test "
+                   "images (no top-1)")
+    p.add_argument("--min-runs", type=int, default=50, metavar="N", help="timed runs, at least (default 50)")
+    p.add_argument("--min-seconds", type=float, default=1.0, metavar="S", help="timed seconds, at least (default 1)")
+    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +107,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
 
+    p = sub.add_parser("bench", help="time exported models on a device, in its runtime (or estimate them)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run each ARTIFACT (a file, an export folder, or a run directory: every export "
+                       "of the device's format and precisions) on the device of --device: locally, or over ssh "
+                       "(runner, artifacts and test images are copied there, the JSON comes back), or estimated "
+                       "from MACs for devices with connect: none. Batch 1: warm-up >= 1 run and 0.5 s, then >= "
+                       "--min-runs runs and --min-seconds (TFLite benchmark_model's defaults); p50/p90/p99, "
+                       "load time, RAM, top-1 on the run's test images.\nRAM is the model's peak-RSS growth "
+                       "(measured) or the sum of its non-constant tensors (estimated); storage is the file size.\n"
+                       "Results: RUN/bench/DEVICE.json, written after each artifact.")
+    p.add_argument("artifacts", metavar="ARTIFACT", nargs="*", help="artifact file, export folder or run directory")
+    p.add_argument("--device", metavar="NAME", help="device profile (see --list-devices)")
+    p.add_argument("--list-devices", action="store_true", help="list the device profiles and exit")
+    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
+                   help="another folder of device profile YAML files (./devices/ is always read)")
+    _add_bench_args(p)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = sub.add_parser("pick", help="pick the most accurate exported model that fits a device's budgets",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Candidates: every exported student and ensemble prefix of RUN at every "
+                       "precision the device uses. Accuracy: verified at export. Latency (p90), RAM and storage: "
+                       "from edgepkd bench on the device (run for candidates without a current result). Chooses "
+                       "the highest accuracy within every budget, prints the table with the choice marked and "
+                       "why each other candidate lost, writes RUN/selection.json. When nothing fits it names "
+                       "the binding budget and what the closest candidate needs, and exits 1.\nBudgets: latency = "
+                       "p90; RAM = the model's peak-RSS growth (measured) or the sum of its non-constant tensors "
+                       "(estimated); storage = the artifact's bytes.")
+    p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/digits")
+    p.add_argument("--device", metavar="NAME", required=True, help="device profile (see edgepkd bench --list-devices)")
+    p.add_argument("--latency-ms", type=float, metavar="X", help="p90 latency budget (default: the profile's)")
+    p.add_argument("--min-accuracy", type=float, metavar="Y", help="lowest acceptable verified accuracy (%%)")
+    p.add_argument("--no-bench", action="store_true", help="do not run bench for candidates without results; fail")
+    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
+                   help="another folder of device profile YAML files (./devices/ is always read)")
+    _add_bench_args(p)
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+
     p = sub.add_parser("evaluate", help="re-evaluate a run's saved weights on its test split",
                        description="Rebuild every model of RUN from its safetensors file, evaluate it on the test "
                        "split of the run's dataset and compare with metrics.json. Exits 1 on a mismatch.")
@@ -105,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # --nproc relaunches the same command under torchrun
     if args.command is None:
         parser.print_help()
         return 0
@@ -148,32 +210,56 @@ def _environment(scan_backend: str) -> dict:
 def _distill(recipe_path: str | None, args) -> int:
     import torch
 
+    from edgepkd.distill import distributed
+    from edgepkd.recipe import load_recipe
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc: {args.nproc}: give at least 1 process")
+    if args.device:
+        _device_profile(args.device, args.devices_dir)  # an unknown or malformed profile fails before training
+    if args.nproc and args.nproc > 1 and not args.dry_run:
+        distributed.check_batch_sizes(load_recipe(recipe_path, args.set), args.nproc)  # before N processes start
+        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return distributed.run_rank(lambda dist: _distill_rank(recipe_path, args, dist), device)
+
+
+def _distill_rank(recipe_path: str | None, args, dist) -> int:
+    """One process's part of ``distill``: all of it in a single process; under torchrun rank 0 writes the run
+    directory and prints, every rank trains its share (errors before training are agreed and printed once)."""
     from edgepkd.config import to_dict
     from edgepkd.data import load_dataset
+    from edgepkd.distill.distributed import check_batch_sizes
     from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
-    from edgepkd.distill.trainer import DistContext
     from edgepkd.models.scan import resolve_backend
     from edgepkd.progress import RichReporter
     from edgepkd.recipe import load_recipe
     from edgepkd.report import FLOP_CONVENTION, write_report
     from edgepkd.rundir import RunDir
 
-    recipe = load_recipe(recipe_path, args.set)
-    dist = DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    recipe = dist.agree(lambda: load_recipe(recipe_path, args.set))
+    dist.agree(lambda: check_batch_sizes(recipe, dist.world_size if dist.distributed else args.nproc or 1))
     backend = resolve_backend(recipe.scan_backend, dist.device)
-    data = load_dataset(recipe.data, recipe.seed, args.data_dir)
-    try:
-        plan = check_recipe(recipe, data)
-    except ConfigError as e:
-        raise ConfigError(f"{recipe_path or '<demo recipe>'}: {e}") from None
+    data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, args.data_dir), local_first=True)
+
+    def check():
+        try:
+            return check_recipe(recipe, data)
+        except ConfigError as e:
+            raise ConfigError(f"{recipe_path or '<demo recipe>'}: {e}") from None
+
+    plan = dist.agree(check)
     if args.dry_run:
-        return _print_plan(recipe, data, plan, args.json)
+        return _print_plan(recipe, data, plan, args.json) if dist.is_main else 0
 
     run = RunDir(Path(args.out) / (args.name or recipe.name))
-    run.create(to_dict(recipe), resume=args.resume)
-    reporter = None if args.quiet else RichReporter()
+    dist.agree(lambda: run.create(to_dict(recipe), resume=args.resume) if dist.is_main else None)
+    dist.agree(lambda: dist.is_main or run.recipe_path.is_file() or _unseen(run, dist))
+    reporter = None if args.quiet or not dist.is_main else RichReporter()
     t0 = time.perf_counter()
     members = Distiller(recipe, data, run, reporter=reporter, dist=dist).run_all(plan)
+    if not dist.is_main:
+        return 0
     metrics = {
         "recipe": recipe.name, "run": str(run.path), "edgepkd_version": __version__,
         "dataset": {"name": data.name, "train": len(data.train), "val": len(data.val), "test": len(data.test),
@@ -182,6 +268,7 @@ def _distill(recipe_path: str | None, args) -> int:
         "flop_convention": FLOP_CONVENTION,
         "wall_time_s": time.perf_counter() - t0,
         "environment": _environment(backend),
+        "distributed": dist.describe(),
         **evaluate_members(members, data, device=dist.device),
     }
     write_report(run.path, metrics)
@@ -189,7 +276,32 @@ def _distill(recipe_path: str | None, args) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         _print_summary(metrics)
+    if args.device:
+        return _deploy(run.path, args)
     return 0
+
+
+def _deploy(run_path: Path, args) -> int:
+    """``distill --device``: export the device's targets, bench every candidate there, pick (see cmd_pick)."""
+    from edgepkd.measure.bench import BenchOptions
+    from edgepkd.measure.pick import NothingFits, deploy, render, write_selection
+
+    profile = _device_profile(args.device, args.devices_dir)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    sel = deploy(str(run_path), profile, data_dir=args.data_dir, log=log,
+                 options=BenchOptions(data_dir=args.data_dir))
+    print(render(sel), file=sys.stderr if args.json else sys.stdout)
+    if sel.choice is None:
+        raise NothingFits(sel.explanation)
+    log(f"picked {sel.explanation}\nselection: {write_selection(run_path, sel)}")
+    return 0
+
+
+def _unseen(run, dist):
+    from edgepkd.errors import RunError
+
+    raise RunError(f"rank {dist.rank} does not see {run.recipe_path}, which rank 0 wrote: put --out on a "
+                   "filesystem that every machine of the run shares (ranks resume from the same checkpoint)")
 
 
 def _print_plan(recipe, data, plan, as_json: bool) -> int:
@@ -203,12 +315,15 @@ def _print_plan(recipe, data, plan, as_json: bool) -> int:
 
     table = Table(title=f"{recipe.name}: {len(rows)} students on {data.name} "
                   f"({len(data.train)}/{len(data.val)}/{len(data.test)} images)")
-    for col in ("#", "d_model", "depth", "d_state", "patch", "params", "MACs", "MFLOPs"):
+    for col in ("#", "d_model", "depth", "d_state", "patch", "stem", "params", "MACs", "MFLOPs"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["student"]), str(r["d_model"]), str(r["depth"]), str(r["d_state"]),
-                      str(r["patch_size"]), f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}")
+                      str(r["patch_size"]), r["stem"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}")
     Console().print(table)
+    if recipe.baselines:
+        Console().print("baselines (trained from labels): " + ", ".join(
+            f"{b.arch} {dict(b.args) or ''}{b.train.epochs} epochs" for b in recipe.baselines))
     return 0
 
 
@@ -298,6 +413,79 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _device_profile(name: str, dirs: list[str]):
+    from edgepkd.measure.devices import load_devices
+
+    return load_devices(dirs).get(name)
+
+
+def _bench_options(args):
+    from edgepkd.measure.bench import BenchOptions
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: give at least 1")
+    if args.min_runs < 1 or args.min_seconds < 0:
+        raise ConfigError("--min-runs must be at least 1 and --min-seconds at least 0")
+    return BenchOptions(threads=args.threads, python=args.python, images=not args.random_input,
+                        data_dir=args.data_dir, min_runs=args.min_runs, min_seconds=args.min_seconds)
+
+
+def cmd_bench(args) -> int:
+    from edgepkd.measure.devices import load_devices
+
+    devices = load_devices(args.devices_dir)
+    if args.list_devices:
+        for name, d in devices.items():
+            how = "estimated" if d.estimated else d.connect
+            print(f"{name:<18} {d.runtime:<12} {how:<34} {d.description}")
+        return 0
+    if not args.device:
+        raise ConfigError(f"bench: give --device NAME (devices: {', '.join(devices.names())})")
+    profile = devices.get(args.device)
+    if not args.artifacts:
+        raise ConfigError("bench: give an artifact, an export folder or a run directory "
+                          f"(e.g. edgepkd bench runs/digits --device {args.device})")
+    from edgepkd.measure.bench import bench, render, resolve
+
+    options = _bench_options(args)
+    arts = resolve(args.artifacts, profile)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"bench on '{profile.name}': {len(arts)} artifact(s)" + (" (estimated)" if profile.estimated else ""))
+    outcome = bench(arts, profile, options, log=log)
+    if args.json:
+        print(json.dumps([{**r, "key": a.key} for a, r in outcome.results], indent=2))
+    elif outcome.results:
+        print(render(outcome, profile))
+    for run in sorted({str(a.run) for a, _ in outcome.results if a.run is not None}):
+        log(f"results: {run}/bench/{profile.name}.json")
+    if outcome.errors:
+        a, why = outcome.errors[0]
+        more = f" (and {len(outcome.errors) - 1} more, listed above)" if len(outcome.errors) > 1 else ""
+        raise EdgepkdError(f"{a.key} cannot run on device '{profile.name}': {why}{more}")
+    return 0
+
+
+def cmd_pick(args) -> int:
+    from edgepkd.measure.pick import NothingFits, pick, render, write_selection
+
+    profile = _device_profile(args.device, args.devices_dir)
+    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 100:
+        raise ConfigError(f"--min-accuracy {args.min_accuracy}: give a percentage in [0, 100]")
+    if args.latency_ms is not None and args.latency_ms <= 0:
+        raise ConfigError(f"--latency-ms {args.latency_ms}: must be positive")
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    sel = pick(args.run, profile, latency_ms=args.latency_ms, min_accuracy=args.min_accuracy,
+               options=_bench_options(args), run_bench=not args.no_bench, log=log)
+    if args.json:
+        print(json.dumps(sel.as_dict(), indent=2))
+    else:
+        print(render(sel))
+    if sel.choice is None:
+        raise NothingFits(sel.explanation)
+    log(f"picked {sel.explanation}\nselection: {write_selection(Path(args.run), sel)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from edgepkd.report import load_metrics, write_report
     from edgepkd.rundir import RunDir
@@ -325,5 +513,5 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "export": cmd_export, "evaluate": cmd_evaluate,
-            "report": cmd_report, "list": cmd_list}
+COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "export": cmd_export, "bench": cmd_bench, "pick": cmd_pick,
+            "evaluate": cmd_evaluate, "report": cmd_report, "list": cmd_list}

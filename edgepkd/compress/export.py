@@ -96,8 +96,11 @@ def sha256(path: Path) -> str:
 
 
 def export_run(run_path: str, target: ExportTarget, *, model: str | None = None, do_verify: bool = True,
-               data_dir: str | None = None, log=print) -> list[dict]:
-    """Export, verify and describe the models of a run for one target; returns the manifest entries written."""
+               data_dir: str | None = None, log=print, keep_going: bool = False) -> list[dict]:
+    """Export, verify and describe the models of a run for one target; returns the manifest entries written.
+
+    ``keep_going``: a model that fails verification is logged and skipped (nothing written for it) instead of
+    stopping the export; ``edgepkd distill --device`` uses it so that the models that pass stay candidates."""
     from edgepkd.data import load_dataset
     from edgepkd.models import export_mode, load_model
     from edgepkd.recipe import load_recipe
@@ -164,6 +167,10 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
         except BaseException:
             _cleanup(tmp)
             raise
+        if result is not None and not result.passed and keep_going:
+            _cleanup(tmp)
+            log(f"  {c.file_stem + target.suffix:<24} skipped: failed verification ({'; '.join(result.failures)})")
+            continue
         if result is not None and not result.passed:
             _cleanup(tmp)
             raise VerificationError(f"{target.name}: {c.name} failed verification on {result.images} test "

@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""edgepkd's device runner: time exported models in the runtime a device actually has.
+
+One file, no edgepkd imports: the standard library, numpy and one runtime (``tflite_runtime``,
+``ai_edge_litert`` or ``tensorflow`` for .tflite; ``onnxruntime`` for .onnx). Copy it to a device and run
+
+    python3 runner.py chain-s2.tflite [more.tflite ...] [--images test-images.npz] [--threads 4]
+
+For each artifact it prints one JSON object on a line of stdout (JSON Lines): load time, latency percentiles
+(p50 / p90 / p99, mean, std, min, max, in ms), peak RSS, file size, runtime name and version, thread count, and
+top-1 accuracy when ``--images`` is given. Errors are one line on stderr (and a JSON object with "error").
+
+Conventions (TFLite's benchmark_model; MLPerf single-stream):
+  * batch 1; warm-up for at least ``--warmup-runs`` (1) runs and ``--warmup-seconds`` (0.5 s), then time runs
+    until both ``--min-runs`` (50) runs and ``--min-seconds`` (1 s) are reached, or ``--max-seconds`` (150 s)
+    have passed; p90 is MLPerf single-stream's latency metric.
+  * one timed run = set the input tensor, invoke, read the output; preprocessing is done once, ahead.
+  * inputs: the ``--images`` test images (an .npz with uint8 ``images`` (N, C, H, W) and ``labels`` (N,)),
+    cycled through, preprocessed as the manifest says (scale, mean, std); else one standard-normal input.
+    int8 inputs are quantized with the scale and zero point the interpreter reports.
+  * memory: ``peak_rss_bytes`` is the process's high-water RSS; ``model_rss_bytes`` is its growth from just
+    before the model was loaded (the runtime and numpy already imported, the inputs already prepared).
+  * metadata: ``manifest.json`` next to the artifact (edgepkd export writes it), else the artifact's own
+    metadata (TFLite metadata entry 'edgepkd', ONNX metadata_props).
+
+With several artifacts each one runs in its own child process, so each peak RSS is its own.
+Exit status: 0 all ran, 2 an artifact could not be run, 3 this device lacks numpy or a runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+RUNTIMES = {"tflite": ("tflite_runtime", "ai_edge_litert", "tensorflow"), "onnx": ("onnxruntime",)}
+INSTALL = {"tflite": "pip install 'numpy<2' tflite-runtime (or ai-edge-litert)", "onnx": "pip install onnxruntime"}
+
+
+class RunnerError(Exception):
+    """An artifact cannot be run here; the message is one line."""
+
+    exit_code = 2
+
+
+class EnvironmentMissing(RunnerError):
+    """This device lacks numpy or the runtime."""
+
+    exit_code = 3
+
+
+def artifact_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".tflite":
+        return "tflite"
+    if ext == ".onnx":
+        return "onnx"
+    raise RunnerError(f"{path}: not a .tflite or .onnx file (the runner runs TFLite and ONNX artifacts)")
+
+
+# ----------------------------------------------------------------------------------------------- flatbuffers
+# Just enough of the TFLite flatbuffer (schema.fbs) to read edgepkd's metadata entry and the tensor table,
+# without the tflite schema package (tflite_runtime does not ship it).
+class _Table:
+    def __init__(self, buf: bytes, pos: int):
+        self.buf, self.pos = buf, pos
+        self.vtable = pos - struct.unpack_from("<i", buf, pos)[0]
+        self.vtable_size = struct.unpack_from("<H", buf, self.vtable)[0]
+
+    def _field(self, index: int) -> int:
+        slot = 4 + 2 * index
+        if slot >= self.vtable_size:
+            return 0
+        off = struct.unpack_from("<H", self.buf, self.vtable + slot)[0]
+        return self.pos + off if off else 0
+
+    def scalar(self, index: int, fmt: str, default=0):
+        at = self._field(index)
+        return struct.unpack_from("<" + fmt, self.buf, at)[0] if at else default
+
+    def _indirect(self, index: int) -> int:
+        at = self._field(index)
+        return at + struct.unpack_from("<I", self.buf, at)[0] if at else 0
+
+    def string(self, index: int) -> str:
+        at = self._indirect(index)
+        if not at:
+            return ""
+        n = struct.unpack_from("<I", self.buf, at)[0]
+        return self.buf[at + 4:at + 4 + n].decode("utf-8", "replace")
+
+    def vector(self, index: int) -> tuple[int, int]:
+        """(start of the elements, length); (0, 0) when absent."""
+        at = self._indirect(index)
+        return (at + 4, struct.unpack_from("<I", self.buf, at)[0]) if at else (0, 0)
+
+    def tables(self, index: int) -> list[_Table]:
+        start, n = self.vector(index)
+        return [_Table(self.buf, start + 4 * i + struct.unpack_from("<I", self.buf, start + 4 * i)[0])
+                for i in range(n)]
+
+    def scalars(self, index: int, fmt: str) -> list:
+        start, n = self.vector(index)
+        size = struct.calcsize("<" + fmt)
+        return [struct.unpack_from("<" + fmt, self.buf, start + size * i)[0] for i in range(n)]
+
+
+def _tflite_model(buf: bytes) -> _Table:
+    if len(buf) < 8 or buf[4:8] != b"TFL3":
+        raise RunnerError("not a TFLite flatbuffer (no 'TFL3' identifier)")
+    return _Table(buf, struct.unpack_from("<I", buf, 0)[0])
+
+
+def _buffer_bytes(buf: bytes, model: _Table, index: int) -> bytes:
+    """Model.buffers[index] (field 4): inline ``data`` (field 0), or ``offset``/``size`` (fields 1, 2) past 2 GB."""
+    entry = model.tables(4)[index]
+    start, n = entry.vector(0)
+    if n:
+        return buf[start:start + n]
+    offset, size = entry.scalar(1, "Q"), entry.scalar(2, "Q")
+    return buf[offset:offset + size] if offset > 1 else b""
+
+
+def tflite_metadata(buf: bytes, key: str = "edgepkd") -> dict:
+    """The JSON of Model.metadata (field 6) entry ``key``; {} when absent."""
+    model = _tflite_model(buf)
+    for entry in model.tables(6):           # Metadata: name (0), buffer (1)
+        if entry.string(0) == key:
+            return json.loads(_buffer_bytes(buf, model, entry.scalar(1, "I")).decode())
+    return {}
+
+
+# TensorType enum of schema.fbs -> bytes per element
+_TENSOR_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 8: 8, 9: 1, 10: 8, 11: 16, 12: 8, 15: 4, 16: 2,
+                 17: 0.5, 18: 2}
+
+
+def tflite_activation_bytes(buf: bytes) -> int:
+    """Sum of the bytes of every non-constant tensor of the main subgraph: an upper bound on the tensor arena
+    an interpreter needs (TFLite Micro's planner reuses memory between tensors whose lifetimes do not overlap)."""
+    model = _tflite_model(buf)
+    subgraphs = model.tables(2)
+    if not subgraphs:
+        return 0
+    total = 0.0
+    for tensor in subgraphs[0].tables(0):   # Tensor: shape (0), type (1), buffer (2)
+        if _buffer_bytes(buf, model, tensor.scalar(2, "I")):
+            continue                        # constant: weights stay in flash / the file
+        count = 1
+        for dim in tensor.scalars(0, "i"):
+            count *= max(dim, 1)
+        total += count * _TENSOR_BYTES.get(tensor.scalar(1, "b"), 4)
+    return int(total)
+
+
+# ------------------------------------------------------------------------------------------------ runtimes
+@contextlib.contextmanager
+def _quiet_stderr():
+    """TFLite's native code prints 'INFO: Created TensorFlow Lite XNNPACK delegate' straight to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _import_runtime(fmt: str, wanted: str):
+    """(module name, version, Interpreter class or onnxruntime module) of the first runtime found."""
+    names = RUNTIMES[fmt] if wanted == "auto" else (wanted,)
+    if wanted != "auto" and wanted not in RUNTIMES[fmt]:
+        raise RunnerError(f"--runtime {wanted} does not run {fmt} files (use one of {', '.join(RUNTIMES[fmt])})")
+    for name in names:
+        try:
+            if name == "tflite_runtime":
+                import tflite_runtime
+                from tflite_runtime.interpreter import Interpreter
+                return name, tflite_runtime.__version__, Interpreter
+            if name == "ai_edge_litert":
+                import ai_edge_litert
+                from ai_edge_litert.interpreter import Interpreter
+                return name, getattr(ai_edge_litert, "__version__", "unknown"), Interpreter
+            if name == "tensorflow":
+                import tensorflow as tf
+                return name, tf.__version__, tf.lite.Interpreter
+            import onnxruntime
+            return name, onnxruntime.__version__, onnxruntime
+        except ImportError:
+            continue
+    raise EnvironmentMissing(f"no {fmt} runtime on this device (tried {', '.join(names)}): {INSTALL[fmt]}")
+
+
+class TFLiteModel:
+    def __init__(self, path: str, threads: int, runtime: str):
+        import numpy as np
+
+        self.np = np
+        self.runtime, self.version, interpreter = _import_runtime("tflite", runtime)
+        try:
+            with _quiet_stderr():
+                self.interpreter = interpreter(model_path=path, num_threads=threads)
+                self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            detail = " ".join(str(e).split()) or type(e).__name__
+            hint = (": the model uses an op version newer than this runtime knows (install ai-edge-litert, or "
+                    "bench an export target this runtime supports)" if "version" in detail and "builtin" in detail
+                    else "")
+            raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot run it{hint} "
+                              f"({detail[:300]})") from None
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+
+    def io(self) -> dict:
+        def describe(d):
+            out = {"shape": [int(s) for s in d["shape"]], "dtype": self.np.dtype(d["dtype"]).name}
+            if d["dtype"] not in (self.np.float32, self.np.float16):
+                out["quantization"] = {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}
+            return out
+
+        return {"input": describe(self.inp), "output": describe(self.out)}
+
+    def prepare(self, x):
+        """float (1, C, H, W) -> the input tensor's dtype (int8/uint8 quantized with the interpreter's scale)."""
+        np = self.np
+        if self.inp["dtype"] in (np.float32, np.float16):
+            return x.astype(self.inp["dtype"])
+        scale, zero = self.inp["quantization"]
+        info = np.iinfo(self.inp["dtype"])
+        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(self.inp["dtype"])
+
+    def run(self, prepared):
+        self.interpreter.set_tensor(self.inp["index"], prepared)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.out["index"])
+
+    def logits(self, raw):
+        if raw.dtype in (self.np.float32, self.np.float16):
+            return raw.astype(self.np.float32)
+        scale, zero = self.out["quantization"]
+        return (raw.astype(self.np.float32) - zero) * scale
+
+
+class OnnxModel:
+    def __init__(self, path: str, threads: int, runtime: str):
+        import numpy as np
+
+        self.np = np
+        self.runtime, self.version, ort = _import_runtime("onnx", runtime)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise RunnerError(f"{os.path.basename(path)}: onnxruntime {self.version} cannot load it "
+                              f"({detail[:300]})") from None
+        self.inp = self.session.get_inputs()[0]
+        self.out = self.session.get_outputs()[0]
+
+    def io(self) -> dict:
+        def describe(d):
+            return {"name": d.name, "shape": [s if isinstance(s, int) else str(s) for s in d.shape],
+                    "dtype": d.type.replace("tensor(", "").replace(")", "").replace("float", "float32")}
+
+        return {"input": describe(self.inp), "output": describe(self.out)}
+
+    def prepare(self, x):
+        return x.astype(self.np.float32)
+
+    def run(self, prepared):
+        return self.session.run(None, {self.inp.name: prepared})[0]
+
+    def logits(self, raw):
+        return raw.astype(self.np.float32)
+
+
+# ------------------------------------------------------------------------------------------- measurement
+def metadata_for(path: str) -> tuple[dict, str]:
+    """(manifest entry or embedded metadata, where it came from)."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                artifacts = json.load(f).get("artifacts", [])
+        except (ValueError, AttributeError):
+            raise RunnerError(f"{manifest}: not a manifest edgepkd wrote (invalid JSON)") from None
+        for entry in artifacts:
+            if entry.get("file") == os.path.basename(path):
+                return entry, "manifest.json"
+    if artifact_format(path) == "tflite":
+        with open(path, "rb") as f:
+            meta = tflite_metadata(f.read())
+        return meta, "embedded" if meta else "none"
+    return {}, "none"  # ONNX: read from the session's custom metadata once it is loaded
+
+
+def preprocess(images, pre: dict):
+    """uint8 (N, C, H, W) -> float32 (N, C, H, W), exactly as edgepkd's Dataset.normalize: x/255, -mean, /std."""
+    np = sys.modules["numpy"]
+    c, h, w = pre["input_shape"]
+    if tuple(images.shape[1:]) != (c, h, w):
+        raise RunnerError(f"the images are {tuple(images.shape[1:])} (C, H, W) but the model takes {(c, h, w)}; "
+                          "resize them first (edgepkd bench writes them at the model's size)")
+    inv = 1.0 / pre["scale"]
+    x = images.astype(np.float32)
+    # x / 255 (not x * (1/255)): the same float32 operations as the PyTorch preprocessing, so top-1 matches
+    x = x / np.float32(round(inv)) if abs(inv - round(inv)) < 1e-6 else x * np.float32(pre["scale"])
+    mean = np.array(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.array(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux/Android
+
+
+def timed_loop(step, n_inputs: int, min_runs: int, min_seconds: float, max_seconds: float) -> tuple[list, float]:
+    """Run ``step(i)`` until both ``min_runs`` and ``min_seconds`` are reached (or ``max_seconds`` passed)."""
+    clock = time.perf_counter
+    times = []
+    start = clock()
+    i = 0
+    while True:
+        t0 = clock()
+        step(i % n_inputs)
+        t1 = clock()
+        times.append(t1 - t0)
+        i += 1
+        elapsed = t1 - start
+        if (i >= min_runs and elapsed >= min_seconds) or elapsed >= max_seconds:
+            return times, elapsed
+
+
+def summarize(times: list) -> dict:
+    np = sys.modules["numpy"]
+    ms = np.asarray(times, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
+            "std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, "min": float(ms.min()), "max": float(ms.max())}
+
+
+def bench(path: str, args) -> dict:
+    try:
+        import numpy as np
+    except ImportError:
+        raise EnvironmentMissing(f"numpy is not installed for {sys.executable}: "
+                                 f"{INSTALL[artifact_format(path)]}") from None
+    if not os.path.isfile(path):
+        raise RunnerError(f"{path}: no such file")
+    fmt = artifact_format(path)
+    meta, meta_source = metadata_for(path)
+    images = labels = None
+    if args.images:
+        with np.load(args.images) as data:
+            images, labels = data["images"], data["labels"]
+    with open(path, "rb") as f:
+        blob = f.read()
+    cls = TFLiteModel if fmt == "tflite" else OnnxModel
+    _import_runtime(fmt, args.runtime)  # imported before the baseline: its code is not the model's memory
+
+    baseline = peak_rss_bytes()
+    t0 = time.perf_counter()
+    model = cls(path, args.threads, args.runtime)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    if fmt == "onnx" and not meta:
+        custom = model.session.get_modelmeta().custom_metadata_map
+        meta = {k: json.loads(v) for k, v in custom.items()}
+        meta_source = "embedded" if meta else "none"
+
+    io = model.io()
+    shape = [int(s) if isinstance(s, int) or str(s).isdigit() else 1 for s in io["input"]["shape"]]
+    if images is not None:
+        pre = meta.get("preprocessing")
+        if not pre:
+            raise RunnerError(f"{path}: no manifest.json next to it and no embedded metadata: cannot preprocess "
+                              "--images (copy manifest.json next to the artifact)")
+        x = preprocess(images, pre)                                       # (N, C, H, W) float32
+        inputs = [model.prepare(x[i:i + 1]) for i in range(len(x))]       # each (1, C, H, W)
+        source = f"{len(inputs)} test images"
+    else:
+        x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+        inputs = [model.prepare(x)]
+        source = f"one standard-normal input (seed {args.seed})"
+
+    # warm-up (benchmark_model: --warmup_runs, --warmup_min_secs)
+    warm, warm_s = timed_loop(lambda i: model.run(inputs[i]), len(inputs), args.warmup_runs,
+                              args.warmup_seconds, args.max_seconds)
+    accuracy = None
+    if labels is not None:
+        preds = np.array([int(np.argmax(model.logits(model.run(p)))) for p in inputs])
+        correct = int((preds == labels.astype(np.int64)).sum())
+        accuracy = {"images": len(labels), "correct": correct, "top1": 100.0 * correct / len(labels)}
+    times, duration = timed_loop(lambda i: model.run(inputs[i]), len(inputs), args.min_runs,
+                                 args.min_seconds, args.max_seconds)
+    peak = peak_rss_bytes()
+    return {
+        "artifact": os.path.basename(path), "path": path, "format": fmt, "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(), "model": meta.get("model"),
+        "precision": meta.get("precision"), "metadata": meta_source,
+        "runtime": model.runtime, "runtime_version": model.version, "threads": args.threads,
+        "input": io["input"], "inputs": source, "load_ms": load_ms,
+        "warmup": {"runs": len(warm), "seconds": warm_s},
+        "runs": len(times), "duration_s": duration, "latency_ms": summarize(times),
+        "accuracy": accuracy,
+        "memory": {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+                   "model_rss_bytes": None if peak is None else max(peak - baseline, 0)},
+        "host": {"machine": platform.machine(), "system": platform.system(), "release": platform.release(),
+                 "python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count()},
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="runner.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time exported models (.tflite, .onnx) at batch 1 in this device's runtime; print JSON Lines.",
+        epilog="Needs numpy and one runtime: tflite-runtime, ai-edge-litert or tensorflow (TFLite); onnxruntime.")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help=".tflite or .onnx file (manifest.json next to "
+                   "it supplies preprocessing; else the artifact's embedded metadata)")
+    p.add_argument("--images", metavar="NPZ", help="uint8 'images' (N, C, H, W) and 'labels' (N,): time on these "
+                   "and report top-1 accuracy (default: one random input, no accuracy)")
+    p.add_argument("--threads", type=int, default=1, help="interpreter / intra-op threads (default 1)")
+    p.add_argument("--runtime", default="auto", help="auto (default), tflite_runtime, ai_edge_litert, tensorflow, "
+                   "onnxruntime")
+    p.add_argument("--warmup-runs", type=int, default=1, help="at least this many warm-up runs (default 1)")
+    p.add_argument("--warmup-seconds", type=float, default=0.5, help="and at least this long (default 0.5)")
+    p.add_argument("--min-runs", type=int, default=50, help="time at least this many runs (default 50)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="and for at least this long (default 1)")
+    p.add_argument("--max-seconds", type=float, default=150.0, help="but stop after this long (default 150)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    p.add_argument("--in-process", action="store_true", help="run several artifacts in this process (their peak "
+                   "RSS then overlaps)")
+    args = p.parse_args(argv)
+    for name in ("threads", "min_runs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _run_child(path: str, argv: list) -> tuple[int, dict]:
+    """Run one artifact in a child process (its own peak RSS); returns (exit code, its JSON object)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), path, *argv, "--in-process"],
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return proc.returncode, json.loads(lines[-1])
+    why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    if proc.returncode < 0:
+        why = f"crashed (signal {-proc.returncode}): {why}"
+    return 2, {"artifact": os.path.basename(path), "path": path, "error": f"{os.path.basename(path)}: {why}",
+               "kind": "artifact"}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    options = ["--threads", str(args.threads), "--runtime", args.runtime, "--warmup-runs", str(args.warmup_runs),
+               "--warmup-seconds", repr(args.warmup_seconds), "--min-runs", str(args.min_runs),
+               "--min-seconds", repr(args.min_seconds), "--max-seconds", repr(args.max_seconds),
+               "--seed", str(args.seed)] + (["--images", args.images] if args.images else [])
+    status = 0
+    for path in args.artifacts:
+        if len(args.artifacts) > 1 and not args.in_process:
+            code, obj = _run_child(path, options)
+        else:
+            try:
+                code, obj = 0, bench(path, args)
+            except RunnerError as e:
+                kind = "environment" if isinstance(e, EnvironmentMissing) else "artifact"
+                code, obj = e.exit_code, {"artifact": os.path.basename(path), "path": path, "error": str(e),
+                                          "kind": kind}
+        if "error" in obj:
+            sys.stderr.write(f"runner: error: {obj['error']}\n")
+        _emit(obj)
+        status = max(status, code)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""On-device benchmarking and picking on a tiny distilled run: the torch-free runner, `edgepkd bench` (local, over
+ssh to a real sshd on 127.0.0.1, estimated), `edgepkd pick`, `distill --device`, tflite-runtime 2.14 in a venv
+holding only numpy<2 and that runtime, and one-line errors that leave earlier results intact.
+No assertion here depends on a timing: latency figures are checked for consistency, never against a clock."""
+
+import getpass
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from edgepkd.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.export]
+for module in ("onnxruntime", "onnxscript", "litert_torch", "ai_edge_litert", "torchao"):
+    pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[export]'")
+
+from edgepkd.compress.targets import BUILTIN_DIR  # noqa: E402
+from edgepkd.measure import runner as runner_module  # noqa: E402
+from edgepkd.measure.devices import MIB, load_devices  # noqa: E402
+
+RUNNER = Path(runner_module.__file__)
+FAST = ["--min-runs", "3", "--min-seconds", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The tiny recipe, exported: every model to tflite-fp32, chain/s1 to onnx-fp32, chain/s2 to tflite-int8
+    (tolerance opened: a 60-image synthetic test split is not what int8 tolerances are for)."""
+    from conftest import TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("bench")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
+    assert main(["distill", str(root / "tiny.yaml"), "--out", str(root / "runs"), "--quiet"]) == 0
+    run = root / "runs" / "tiny"
+    loose = root / "targets"
+    loose.mkdir()
+    target = yaml.safe_load((BUILTIN_DIR / "tflite-int8.yaml").read_text())
+    (loose / "loose-tflite-int8.yaml").write_text(yaml.safe_dump(
+        {**target, "name": "loose-tflite-int8", "verify": {"max_accuracy_drop": 100.0}}))
+    assert main(["export", str(run), "--target", "tflite-fp32"]) == 0
+    assert main(["export", str(run), "--target", "onnx-fp32", "--model", "chain/s1"]) == 0
+    assert main(["export", str(run), "--target", "loose-tflite-int8", "--model", "chain/s2",
+                 "--targets-dir", str(loose)]) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def manifest(run: Path, target: str) -> dict:
+    return {e["file"]: e for e in json.loads((run / "export" / target / "manifest.json").read_text())["artifacts"]}
+
+
+def devices_dir(tmp_path: Path, **profiles: dict) -> Path:
+    folder = tmp_path / "devices"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in profiles.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **data}))
+    return folder
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("edgepkd: error: ") and err.count("\n") == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------- runner
+def write_images(run: Path, path: Path) -> Path:
+    from edgepkd.data import load_dataset
+    from edgepkd.recipe import load_recipe
+
+    recipe = load_recipe(run / "recipe.yaml")
+    test = load_dataset(recipe.data, recipe.seed).test
+    np.savez(path, images=test.x.numpy(), labels=test.y.numpy())
+    return path
+
+
+def run_runner(python: str, *args: str, cwd=None) -> tuple[int, list[dict], str]:
+    proc = subprocess.run([python, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], \
+        proc.stderr
+
+
+def test_runner_is_one_torch_free_file_matching_the_manifest(run_dir, tmp_path):
+    """Copied alone into an empty folder and run with torch and edgepkd made unimportable, the runner reproduces
+    the export's verified top-1 from raw uint8 test images, in both runtimes."""
+    images = write_images(run_dir, tmp_path / "test.npz")
+    alone = tmp_path / "device"
+    alone.mkdir()
+    shutil.copy(RUNNER, alone / "runner.py")
+    guard = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['edgepkd'] = None; "
+             "sys.argv = ['runner.py'] + sys.argv[1:]; runpy.run_path('runner.py', run_name='__main__')")
+    for target, file in (("tflite-fp32", "chain-s1.tflite"), ("onnx-fp32", "chain-s1.onnx")):
+        path = run_dir / "export" / target / file
+        code, (out,), err = run_runner(sys.executable, "-c", guard, str(path), "--images", str(images), *FAST,
+                                       "--warmup-seconds", "0", cwd=alone)
+        assert code == 0, err
+        entry = manifest(run_dir, target)[file]
+        print(target, out["runtime"], out["accuracy"], entry["verification"]["accuracy"])
+        assert out["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"], abs=1e-9)
+        assert out["accuracy"]["images"] == 60 and out["metadata"] == "manifest.json"
+        assert out["bytes"] == entry["bytes"] and out["sha256"] == entry["sha256"]
+        lat = out["latency_ms"]
+        assert out["runs"] >= 3 and lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert out["memory"]["peak_rss_bytes"] >= out["memory"]["baseline_rss_bytes"] > 0
+        assert out["runtime_version"] and out["threads"] == 1 and out["load_ms"] > 0
+
+
+def test_runner_reads_embedded_metadata_without_a_manifest(run_dir, tmp_path):
+    images = write_images(run_dir, tmp_path / "test.npz")
+    for target, file in (("tflite-fp32", "chain-s2.tflite"), ("onnx-fp32", "chain-s1.onnx")):
+        shutil.copy(run_dir / "export" / target / file, tmp_path / file)
+        code, (out,), err = run_runner(sys.executable, str(RUNNER), str(tmp_path / file), "--images", str(images),
+                                       *FAST, "--warmup-seconds", "0")
+        assert code == 0, err
+        assert out["metadata"] == "embedded"
+        assert out["accuracy"]["top1"] == pytest.approx(manifest(run_dir, target)[file]["verification"]["accuracy"])
+
+
+def test_runner_flatbuffer_reader_agrees_with_the_tflite_schema(run_dir):
+    """The runner's minimal flatbuffer reader against ai_edge_litert's generated schema: the metadata entry and
+    the bytes of the non-constant tensors."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edgepkd.compress.tflite_export import read_metadata
+
+    for path in sorted((run_dir / "export" / "tflite-fp32").glob("*.tflite")):
+        blob = path.read_bytes()
+        assert runner_module.tflite_metadata(blob) == read_metadata(path)
+        model = flatbuffer_utils.read_model(str(path))
+        sizes = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 9: 1, 10: 8}
+        expected = sum(int(np.prod([max(int(d), 1) for d in t.shape])) * sizes[t.type]
+                       for t in model.subgraphs[0].tensors
+                       if model.buffers[t.buffer].data is None or len(model.buffers[t.buffer].data) == 0)
+        assert runner_module.tflite_activation_bytes(blob) == expected > 0
+
+
+def test_runner_errors_are_one_line(tmp_path):
+    code, (out,), err = run_runner(sys.executable, str(RUNNER), str(tmp_path / "missing.tflite"))
+    assert code == 2 and "missing.tflite: no such file" in out["error"] and err.count("\n") == 1
+    (tmp_path / "junk.tflite").write_bytes(b"not a model")
+    code, (out,), err = run_runner(sys.executable, str(RUNNER), str(tmp_path / "junk.tflite"))
+    assert code == 2 and out["kind"] == "artifact" and err.startswith("runner: error: ") and err.count("\n") == 1
+
+
+# -------------------------------------------------------------------------------------------- bench: local
+def test_bench_host_prints_table_and_stores_results(run_copy, capsys):
+    assert main(["bench", str(run_copy), "--device", "host", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "device 'host' (local)" in out and "p90 ms" in out and "tflite-fp32/chain-s1.tflite" in out
+    stored = json.loads((run_copy / "bench" / "host.json").read_text())
+    # every TFLite artifact of the run at the host's precisions: 4 fp32 + the int8 one; not the ONNX file
+    assert sorted(stored["results"]) == ["loose-tflite-int8/chain-s2.tflite", "tflite-fp32/chain-s1.tflite",
+                                         "tflite-fp32/chain-s2.tflite", "tflite-fp32/ensemble-1-1.tflite",
+                                         "tflite-fp32/ensemble-1-2.tflite"]
+    for key, r in stored["results"].items():
+        target, file = key.split("/")
+        entry = manifest(run_copy, target)[file]
+        assert r["sha256"] == entry["sha256"] and not r["estimated"]
+        assert r["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"])  # on-device top-1
+        assert r["runs"] >= 3 and r["latency_ms"]["p50"] <= r["latency_ms"]["p90"]
+        assert r["memory"]["model_rss_bytes"] is not None and r["runtime"] == "ai_edge_litert"
+    assert (run_copy / "bench" / "test-images.npz").is_file()
+    assert stored["profile"]["name"] == "host" and stored["errors"] == {}
+
+
+def test_bench_json_and_a_single_file(run_copy, capsys):
+    path = run_copy / "export" / "onnx-fp32" / "chain-s1.onnx"
+    assert main(["bench", str(path), "--device", "host-onnxruntime", "--json", "--random-input", *FAST]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["key"] == "onnx-fp32/chain-s1.onnx" and result["runtime"] == "onnxruntime"
+    assert result["accuracy"] is None and "standard-normal" in result["inputs"]
+
+
+def test_bad_inputs_are_one_line_and_leave_results_intact(run_copy, tmp_path, capsys):
+    assert main(["bench", str(run_copy / "export" / "tflite-fp32"), "--device", "host", *FAST]) == 0
+    capsys.readouterr()
+    results = run_copy / "bench" / "host.json"
+    before = results.read_bytes()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    gone = devices_dir(tmp_path / "gone", gone={"runtime": "tflite", "connect": f"ssh://nobody@127.0.0.1:{closed}",
+                                                "ssh": {"connect_timeout_s": 3},
+                                                "budget": {"latency_ms": 1, "ram_mib": 1, "storage_mib": 1}})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "broken.yaml").write_text("name: broken\nruntime: tflite\nbudget: {latency_ms: 1}\n")
+    onnx = run_copy / "export" / "onnx-fp32"
+    cases = [
+        ([str(run_copy), "--device", "hots"], "unknown device 'hots'; did you mean 'host'?"),
+        ([str(onnx / "chain-s1.onnx"), "--device", "host"], "chain-s1.onnx: a .onnx artifact, but device 'host' "
+                                                            "runs tflite (.tflite files); bench the run's .tflite"),
+        ([str(onnx), "--device", "host"], "but device 'host' runs tflite"),
+        ([str(run_copy / "nothing"), "--device", "host"], "nothing: no such file or directory"),
+        ([str(run_copy), "--device", "host", "--devices-dir", str(broken)], "broken.yaml: budget.ram_mib: required"),
+    ]
+    for args, message in cases:
+        assert main(["bench", *args]) == 2, args
+        assert message in one_line_error(capsys)
+    if shutil.which("ssh"):
+        assert main(["bench", str(run_copy), "--device", "gone", "--devices-dir", str(gone), *FAST]) == 1
+        err = one_line_error(capsys)
+        assert f"cannot reach nobody@127.0.0.1 port {closed} over ssh" in err and "EDGEPKD_SSH_IDENTITY" in err
+        assert not (run_copy / "bench" / "gone.json").exists()
+    assert results.read_bytes() == before
+
+
+def test_artifact_the_device_cannot_run_is_recorded_and_reported(run_copy, tmp_path, capsys):
+    """A broken artifact among good ones: the good results are stored, the bad one is listed under errors,
+    the command exits 1 with one line."""
+    folder = run_copy / "export" / "tflite-fp32"
+    entries = json.loads((folder / "manifest.json").read_text())
+    bad = folder / "ensemble-1-2.tflite"
+    bad.write_bytes(b"TFL3 but truncated")
+    for e in entries["artifacts"]:
+        if e["file"] == bad.name:
+            import hashlib
+
+            e["sha256"] = hashlib.sha256(bad.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(entries))
+    assert main(["bench", str(folder), "--device", "host", *FAST]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "edgepkd: error: tflite-fp32/ensemble-1-2.tflite cannot run on device 'host'" in err
+    assert err.count("edgepkd: error") == 1 and err.strip().count("\n") == 0
+    stored = json.loads((run_copy / "bench" / "host.json").read_text())
+    assert len(stored["results"]) == 3 and list(stored["errors"]) == ["tflite-fp32/ensemble-1-2.tflite"]
+
+
+def test_device_without_numpy_is_one_line(run_copy, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    results = run_copy / "bench" / "host.json"
+    assert main(["bench", str(run_copy / "export" / "tflite-fp32"), "--device", "host", "--python",
+                 str(bare / "bin" / "python"), *FAST]) == 1
+    err = one_line_error(capsys)
+    assert "device 'host': numpy is not installed for" in err and "pip install 'numpy<2' tflite-runtime" in err
+    assert not results.exists()
+
+
+# -------------------------------------------------------------------------------------------- bench: estimated
+def test_estimated_device_is_marked_and_follows_the_calibration(run_copy, capsys):
+    assert main(["bench", str(run_copy), "--device", "cortex-m7"]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATED" in out and " est." in out
+    rate = load_devices().get("cortex-m7").calibration.macs_per_second
+    stored = json.loads((run_copy / "bench" / "cortex-m7.json").read_text())
+    assert stored["results"]
+    for key, r in stored["results"].items():
+        target, file = key.split("/")
+        entry = manifest(run_copy, target)[file]
+        assert r["estimated"] is True and r["runs"] == 0 and r["accuracy"] is None
+        assert r["latency_ms"]["p90"] == pytest.approx(1e3 * entry["flops"] / 2 / rate)
+        blob = (run_copy / "export" / key).read_bytes()
+        assert r["memory"]["activation_bytes"] == runner_module.tflite_activation_bytes(blob)
+
+
+# ------------------------------------------------------------------------------------------------------ pick
+def estimated(**budget) -> dict:
+    return {"runtime": "tflite", "connect": "none", "precisions": ["fp32"],
+            "calibration": {"macs_per_second": 1e8, "source": "test"}, "budget": budget}
+
+
+def test_pick_differs_between_budgets_and_explains_nothing_fits(run_copy, tmp_path, capsys):
+    fp32 = manifest(run_copy, "tflite-fp32")
+    act = {f: runner_module.tflite_activation_bytes((run_copy / "export" / "tflite-fp32" / f).read_bytes())
+           for f in fp32}
+    best = max(fp32, key=lambda f: fp32[f]["verification"]["accuracy"])
+    # a RAM budget just under the most accurate model's activations
+    tight_ram = (act[best] - 1) / MIB
+    fits = [f for f in fp32 if act[f] <= act[best] - 1]
+    assert fits, f"fixture: no model is smaller than the most accurate one ({act})"
+    expected = max(fits, key=lambda f: (fp32[f]["verification"]["accuracy"], -fp32[f]["flops"]))
+    smallest = min(fp32, key=lambda f: fp32[f]["bytes"])
+    folder = devices_dir(tmp_path, roomy=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3),
+                         tight=estimated(latency_ms=1e3, ram_mib=tight_ram, storage_mib=1e3),
+                         tiny=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e-3))
+    picks = {}
+    for name in ("roomy", "tight"):
+        assert main(["pick", str(run_copy), "--device", name, "--devices-dir", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "*" in out and "chosen: the most accurate" in out and "ESTIMATED" in out
+        picks[name] = json.loads((run_copy / "selection.json").read_text())["devices"][name]
+    assert picks["roomy"]["choice"]["file"] == f"export/tflite-fp32/{best}"
+    assert picks["tight"]["choice"]["file"] == f"export/tflite-fp32/{expected}" != picks["roomy"]["choice"]["file"]
+    verdicts = {c["file"]: c["verdict"] for c in picks["tight"]["candidates"]}
+    assert verdicts[f"export/tflite-fp32/{best}"].startswith("too big (RAM)")
+    assert all(c["estimated"] for c in picks["tight"]["candidates"])
+    selection = (run_copy / "selection.json").read_bytes()
+
+    assert main(["pick", str(run_copy), "--device", "tiny", "--devices-dir", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("too big (storage)") == len(fp32)
+    err = captured.err
+    assert err.count("\n") == 1 and "nothing fits device 'tiny'" in err
+    assert f"storage is binding: {fp32[smallest]['model']} (tflite-fp32) meets every other budget" in err
+    assert (run_copy / "selection.json").read_bytes() == selection  # the earlier choices are kept
+    suggested = float(re.search(r"a profile with storage_mib >= (\S+) would admit it", err)[1])
+    devices_dir(tmp_path, tiny=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=suggested))
+    assert main(["pick", str(run_copy), "--device", "tiny", "--devices-dir", str(folder)]) == 0  # it does
+    capsys.readouterr()
+    tiny = json.loads((run_copy / "selection.json").read_text())["devices"]["tiny"]
+    assert tiny["choice"]["file"] == f"export/tflite-fp32/{smallest}"
+
+    assert main(["pick", str(run_copy), "--device", "roomy", "--devices-dir", str(folder),
+                 "--min-accuracy", "100"]) == 1
+    assert "accuracy is binding: the most accurate candidate within the other budgets" in capsys.readouterr().err
+
+
+def test_pick_on_host_benches_what_is_missing_then_reuses_it(run_copy, capsys):
+    assert main(["pick", str(run_copy), "--device", "host", "--no-bench"]) == 2
+    assert "have no current bench result on device 'host'" in one_line_error(capsys)
+    assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "bench on 'host': 5 candidate(s)" in captured.out
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["host"]
+    accuracies = [c["accuracy"] for c in sel["candidates"]]
+    assert sel["choice"]["accuracy"] == max(accuracies) and sel["budget"]["latency_p90_ms"] == 1000
+    assert len(sel["candidates"]) == 5 and all(c["verdict"] for c in sel["candidates"])
+    bench_file = (run_copy / "bench" / "host.json").read_bytes()
+    assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", "--no-bench"]) == 0
+    assert (run_copy / "bench" / "host.json").read_bytes() == bench_file  # nothing measured again
+
+
+def test_distill_with_device_goes_from_recipe_to_a_picked_artifact(tmp_path, tiny_recipe, capsys):
+    folder = devices_dir(tmp_path, board={**estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3),
+                                          "runtime": "onnxruntime", "export_targets": ["onnx-fp32"]})
+    assert main(["distill", str(tiny_recipe), "--out", str(tmp_path / "runs"), "--quiet", "--device", "board",
+                 "--devices-dir", str(folder), "--set", "distill.train.epochs=1", "--set",
+                 "teacher.train.epochs=1"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    sel = json.loads((run / "selection.json").read_text())["devices"]["board"]
+    assert sel["choice"]["file"].startswith("export/onnx-fp32/") and (run / sel["choice"]["file"]).is_file()
+    assert len(sel["candidates"]) == 4 and sel["mode"] == "estimated"
+    stored = json.loads((run / "bench" / "board.json").read_text())["results"]
+    assert all(r["memory"]["activation_bytes"] > 0 for r in stored.values())  # ONNX activations estimated
+    out = capsys.readouterr().out
+    assert "chosen: the most accurate" in out and "exporting" not in out  # --quiet: the table, no progress
+    assert main(["distill", str(tiny_recipe), "--out", str(tmp_path / "runs2"), "--device", "nope"]) == 2
+    assert "unknown device 'nope'" in one_line_error(capsys)
+    assert not (tmp_path / "runs2").exists()  # failed before training
+
+
+# ------------------------------------------------------------------------------------------------------- ssh
+@pytest.fixture
+def sshd(tmp_path):
+    """OpenSSH's sshd on a free 127.0.0.1 port, a throwaway host key and client key; skips when it cannot start."""
+    binary = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(binary) or not shutil.which("ssh") or not shutil.which("scp"):
+        pytest.skip("needs OpenSSH's sshd, ssh and scp (apt-get install openssh-server; .ci/run installs it)")
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
+        "Subsystem sftp internal-sftp\nLogLevel ERROR\n")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE, text=True)
+    user = getpass.getuser()
+    options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
+    login = ["ssh", "-i", str(d / "client_key"), "-p", str(port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+             *[x for o in options for x in ("-o", o)], f"{user}@127.0.0.1", "true"]
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                pytest.skip(f"sshd did not start: {proc.stderr.read().strip()[-300:]}")
+            if subprocess.run(login, capture_output=True).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.skip(f"cannot log in to the test sshd as {user} with a key")
+            time.sleep(0.2)
+        yield {"connect": f"ssh://{user}@127.0.0.1:{port}", "python": sys.executable,
+               "ssh": {"identity_file": str(d / "client_key"), "options": options, "connect_timeout_s": 5}}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_bench_over_ssh_copies_runs_and_brings_json_back(run_copy, tmp_path, sshd, capsys):
+    folder = devices_dir(tmp_path, loop={"runtime": "tflite", "threads": 1, **sshd,
+                                         "budget": {"latency_ms": 1000, "ram_mib": 1000, "storage_mib": 1000}})
+    leftovers = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("edgepkd-bench.*"))
+    assert main(["bench", str(run_copy), "--device", "loop", "--devices-dir", str(folder), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert f"device 'loop' ({sshd['connect']})" in out
+    stored = json.loads((run_copy / "bench" / "loop.json").read_text())
+    assert len(stored["results"]) == 5 and stored["errors"] == {}
+    for key, r in stored["results"].items():
+        entry = manifest(run_copy, key.split("/")[0])[key.split("/")[1]]
+        assert r["sha256"] == entry["sha256"] and r["path"] == key  # ran on the copy, under its remote name
+        assert r["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"])
+    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("edgepkd-bench.*")) == leftovers  # cleaned up
+    before = (run_copy / "bench" / "loop.json").read_bytes()
+    # pick uses what came back over ssh without measuring again
+    assert main(["pick", str(run_copy), "--device", "loop", "--devices-dir", str(folder), "--no-bench"]) == 0
+    chosen = json.loads((run_copy / "selection.json").read_text())["devices"]["loop"]["choice"]
+    assert chosen["accuracy"] == pytest.approx(max(r["accuracy"]["top1"] for r in stored["results"].values()))
+    assert (run_copy / "bench" / "loop.json").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------- tflite-runtime 2.14
+def tflite_runtime_214() -> str:
+    """A venv holding only numpy<2 and tflite-runtime 2.14 (what a Raspberry Pi user installs), built once under
+    the cache dir; skips with the reason when pip cannot provide it (offline, or no wheel for this Python)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepkd"
+    venv = cache / f"venv-tflite-runtime-2.14-py{sys.version_info.major}{sys.version_info.minor}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "-q", "numpy<2", "tflite-runtime==2.14.0"]]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                why = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                pytest.skip(f"cannot build a tflite-runtime 2.14 venv for Python {sys.version.split()[0]}: {why}")
+    check = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    assert check.returncode != 0, "the tflite-runtime venv must not hold torch"
+    return str(python)
+
+
+def test_tflite_runtime_214_venv_matches_the_manifest(run_copy, capsys):
+    python = tflite_runtime_214()
+    folder = run_copy / "export" / "tflite-fp32"
+    assert main(["bench", str(run_copy), "--device", "host", "--python", python, *FAST]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    # tflite-int8 (dynamic-range) uses FULLY_CONNECTED v12, which 2.14 does not have: one line that says so
+    assert "loose-tflite-int8/chain-s2.tflite cannot run on device 'host'" in err and err.count("\n") == 1
+    assert "op version newer than this runtime knows" in err
+    stored = json.loads((run_copy / "bench" / "host.json").read_text())
+    assert sorted(stored["results"]) == sorted(f"tflite-fp32/{f}" for f in manifest(run_copy, "tflite-fp32"))
+    for key, r in stored["results"].items():
+        assert (r["runtime"], r["runtime_version"]) == ("tflite_runtime", "2.14.0")
+        assert r["host"]["numpy"].startswith("1.")
+        entry = manifest(run_copy, "tflite-fp32")[key.split("/")[1]]
+        print(key, r["accuracy"]["top1"], entry["verification"]["accuracy"])
+        assert r["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"])
+    assert folder.is_dir()

@@ -1,0 +1,94 @@
+"""Device profiles: every shipped profile loads, malformed ones fail with one line naming the key path, and the
+microcontroller's calibrated throughput is the published MLPerf Tiny figure over edgepkd's own MAC count."""
+
+import pytest
+import yaml
+
+from edgepkd.cli import main
+from edgepkd.errors import ConfigError
+from edgepkd.measure.devices import BUILTIN_DIR, load_device, load_devices
+
+SHIPPED = ["host", "host-onnxruntime", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "android-pixel",
+           "cortex-m7"]
+GOOD = {"name": "mine", "runtime": "tflite", "connect": "local",
+        "budget": {"latency_ms": 5, "ram_mib": 64, "storage_mib": 8}}
+
+
+def write(folder, data, name="mine"):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+def test_shipped_profiles_load_and_are_listed(capsys):
+    devices = load_devices()
+    assert set(SHIPPED) <= set(devices.names())
+    for name in SHIPPED:
+        p = devices.get(name)
+        assert p.format in ("tflite", "onnx") and p.budget.latency_ms > 0 and p.threads >= 1
+    assert devices.get("host").connect == "local"
+    assert devices.get("raspberry-pi-4").ssh_target() == ("pi@raspberrypi.local", "raspberrypi.local", 22)
+    assert devices.get("android-pixel").ssh_target()[2] == 8022
+    m7 = devices.get("cortex-m7")
+    assert m7.estimated and m7.calibration.macs_per_second and m7.calibration.source
+    assert main(["bench", "--list-devices"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SHIPPED) and "estimated" in out
+
+
+def test_cortex_m7_calibration_is_mlperf_tiny_resnet8_on_stm32h7a3():
+    """12.5 M MACs (ResNet-8, counted by edgepkd) x 18.401 inferences/s (ST's MLPerf Tiny v1.0 result)."""
+    from edgepkd.measure.flops import count_flops
+    from edgepkd.models import TEACHERS
+
+    macs = count_flops(TEACHERS.get("resnet8")(num_classes=10, in_chans=3, image_size=32), (3, 32, 32)).macs
+    print("resnet8 MACs", macs)
+    assert macs == 12_501_632
+    rate = load_devices().get("cortex-m7").calibration.macs_per_second
+    assert rate == pytest.approx(macs * 18.401, rel=1e-3)
+    assert 1e3 * macs / rate == pytest.approx(54.3, abs=0.1)  # ms per ResNet-8 image, as published
+
+
+def test_profile_name_must_match_file(tmp_path):
+    folder = write(tmp_path / "d", {**GOOD, "name": "other"})
+    with pytest.raises(ConfigError, match="must match the file name 'mine'"):
+        load_device(folder / "mine.yaml")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budgt": {}}, "mine.yaml: budgt: unknown key; did you mean 'budget'?"),
+    ({"runtime": "tensorrt"}, "runtime: 'tensorrt' is not allowed"),
+    ({"connect": "pi@raspberrypi"}, "connect: expected local, none or ssh://user@host[:port], got 'pi@raspberrypi'"),
+    ({"connect": "none"}, "calibration.macs_per_second: a device with connect: none can only be estimated"),
+    ({"budget": {"latency_ms": "fast", "ram_mib": 1, "storage_mib": 1}}, "budget.latency_ms: expected float, got 'fast'"),
+    ({"budget": {"latency_ms": 0, "ram_mib": 1, "storage_mib": 1}}, "budget.latency_ms: must be positive"),
+    ({"precisions": ["fp16"]}, "precisions.0: 'fp16' is not allowed"),
+    ({"ssh": {"options": ["-v"]}}, "ssh.options.0: expected KEY=VALUE"),
+])
+def test_malformed_profile_is_one_line(tmp_path, capsys, change, message):
+    folder = write(tmp_path / "d", {**GOOD, **change})
+    assert main(["bench", "--list-devices", "--devices-dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_unknown_device_suggests(capsys):
+    assert main(["bench", "runs/x", "--device", "hots"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'hots'; did you mean 'host'?" in err and err.count("\n") == 1
+
+
+def test_duplicate_profile_name_fails(tmp_path, capsys):
+    write(tmp_path / "d", {**GOOD, "name": "host"}, name="host")
+    assert main(["bench", "--list-devices", "--devices-dir", str(tmp_path / "d")]) == 2
+    assert "device 'host' is already defined by another file" in capsys.readouterr().err
+
+
+def test_builtin_profiles_have_published_or_assumed_comments():
+    """Every shipped profile says where its figures come from: each budget line is marked as an assumption or the
+    file cites what it states."""
+    for name in SHIPPED:
+        text = (BUILTIN_DIR / f"{name}.yaml").read_text()
+        for key in ("latency_ms", "ram_mib", "storage_mib"):
+            line = next(line for line in text.splitlines() if line.strip().startswith(key + ":"))
+            assert "assumption" in line, f"{name}.yaml: {line.strip()} is not marked as an assumption"
