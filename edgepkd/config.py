@@ -224,3 +224,34 @@ def load_yaml(path: str | Path) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def load_named(cls: type, path: Path):
+    """One YAML file -> ``cls`` whose ``name`` must equal the file's stem (export targets, device profiles)."""
+    obj = from_dict(cls, load_yaml(path), source=str(path))
+    if obj.name != path.stem:
+        raise ConfigError(f"{path}: name: '{obj.name}' must match the file name '{path.stem}'")
+    return obj
+
+
+def load_named_dirs(cls: type, kind: str, builtin: Path, local: str, extra_dirs, option: str):
+    """Every ``*.yaml`` of the built-in folder, then ``./<local>/`` and ``extra_dirs`` (``option`` names the CLI
+    flag in errors) into one ``Registry``; a later file reusing a known name fails."""
+    from edgepkd.registry import Registry
+
+    registry = Registry(kind)
+    seen: set[Path] = set()
+    for folder in map(Path, extra_dirs):
+        if not folder.is_dir():
+            raise ConfigError(f"{option} {folder}: no such directory")
+    for folder in [builtin, Path.cwd() / local, *map(Path, extra_dirs)]:
+        if not folder.is_dir() or folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        for path in sorted(folder.glob("*.yaml")):
+            obj = load_named(cls, path)
+            if obj.name in registry:
+                raise ConfigError(f"{path}: {kind} '{obj.name}' is already defined by another file "
+                                  "(give yours another name)")
+            registry.register(obj.name, obj)
+    return registry

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgepkd.config import check, from_dict, load_yaml
-from edgepkd.errors import ConfigError
+from edgepkd.config import check, load_named, load_named_dirs
 from edgepkd.registry import Registry
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "export"
@@ -83,26 +82,9 @@ class ExportTarget:
 
 
 def load_target(path: Path) -> ExportTarget:
-    target = from_dict(ExportTarget, load_yaml(path), source=str(path))
-    if target.name != path.stem:
-        raise ConfigError(f"{path}: name: '{target.name}' must match the file name '{path.stem}'")
-    return target
+    return load_named(ExportTarget, path)
 
 
 def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:
     """Built-in targets, then ``./export/`` and ``extra_dirs``; a later file with a known name fails."""
-    registry: Registry[ExportTarget] = Registry("export target")
-    seen: set[Path] = set()
-    for folder in map(Path, extra_dirs):
-        if not folder.is_dir():
-            raise ConfigError(f"--targets-dir {folder}: no such directory")
-    for folder in [BUILTIN_DIR, Path.cwd() / "export", *map(Path, extra_dirs)]:
-        if not folder.is_dir() or folder.resolve() in seen:
-            continue
-        seen.add(folder.resolve())
-        for path in sorted(folder.glob("*.yaml")):
-            target = load_target(path)
-            if target.name in registry:
-                raise ConfigError(f"{path}: export target '{target.name}' is already defined by another file")
-            registry.register(target.name, target)
-    return registry
+    return load_named_dirs(ExportTarget, "export target", BUILTIN_DIR, "export", extra_dirs, "--targets-dir")

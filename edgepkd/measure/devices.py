@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgepkd.config import check, from_dict, load_yaml
-from edgepkd.errors import ConfigError
+from edgepkd.config import check, load_named, load_named_dirs
 from edgepkd.registry import Registry
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "devices"
@@ -104,27 +103,9 @@ class DeviceProfile:
 
 
 def load_device(path: Path) -> DeviceProfile:
-    profile = from_dict(DeviceProfile, load_yaml(path), source=str(path))
-    if profile.name != path.stem:
-        raise ConfigError(f"{path}: name: '{profile.name}' must match the file name '{path.stem}'")
-    return profile
+    return load_named(DeviceProfile, path)
 
 
 def load_devices(extra_dirs: list[Path] = ()) -> Registry[DeviceProfile]:
     """Built-in profiles, then ``./devices/`` and ``extra_dirs``; a later file with a known name fails."""
-    registry: Registry[DeviceProfile] = Registry("device")
-    seen: set[Path] = set()
-    for folder in map(Path, extra_dirs):
-        if not folder.is_dir():
-            raise ConfigError(f"--devices-dir {folder}: no such directory")
-    for folder in [BUILTIN_DIR, Path.cwd() / "devices", *map(Path, extra_dirs)]:
-        if not folder.is_dir() or folder.resolve() in seen:
-            continue
-        seen.add(folder.resolve())
-        for path in sorted(folder.glob("*.yaml")):
-            profile = load_device(path)
-            if profile.name in registry:
-                raise ConfigError(f"{path}: device '{profile.name}' is already defined by another file "
-                                  "(give yours another name)")
-            registry.register(profile.name, profile)
-    return registry
+    return load_named_dirs(DeviceProfile, "device", BUILTIN_DIR, "devices", extra_dirs, "--devices-dir")
