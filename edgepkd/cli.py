@@ -48,11 +48,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--device", metavar="NAME", help="then export the device's targets, bench every candidate "
                    "on it and pick one (as edgepkd export, bench and pick do); see edgepkd bench --list-devices")
-    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
-                   help="another folder of device profile YAML files (./devices/ is always read)")
+    _add_devices_dir(p)
     p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: "
                    "DistributedDataParallel under torchrun (gloo on CPU, nccl with one GPU each); for several "
                    "machines run torchrun yourself (see the README)")
+
+
+def _add_devices_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
+                   help="another folder of device profile YAML files (./devices/ is always read)")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -120,8 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifacts", metavar="ARTIFACT", nargs="*", help="artifact file, export folder or run directory")
     p.add_argument("--device", metavar="NAME", help="device profile (see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="list the device profiles and exit")
-    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
-                   help="another folder of device profile YAML files (./devices/ is always read)")
+    _add_devices_dir(p)
     _add_bench_args(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -140,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, metavar="X", help="p90 latency budget (default: the profile's)")
     p.add_argument("--min-accuracy", type=float, metavar="Y", help="lowest acceptable verified accuracy (%%)")
     p.add_argument("--no-bench", action="store_true", help="do not run bench for candidates without results; fail")
-    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
-                   help="another folder of device profile YAML files (./devices/ is always read)")
+    _add_devices_dir(p)
     _add_bench_args(p)
     p.add_argument("--json", action="store_true", help="print the selection as JSON")
 
