@@ -3,6 +3,9 @@
     python benchmarks/reproduce.py mnist   --data-dir ../shared/data   # recipes/mnist.yaml   (<= 60 min, 2 cores)
     python benchmarks/reproduce.py cifar10 --data-dir ../shared/data   # recipes/cifar10.yaml (<= 90 min, 2 cores)
     python benchmarks/reproduce.py mnist --from-run runs/mnist         # only re-derive and re-write the results
+    python benchmarks/reproduce.py cifar10 --recipe recipes/cifar10-gpu.yaml --data-dir DIR  # one CUDA GPU
+
+Results go to benchmarks/results/<recipe file's stem>.{md,json,png}; the run to <--out>/<that stem>.
 
 Steps: ``edgepkd distill recipes/<dataset>.yaml`` (timed, wall clock), then ``edgepkd evaluate`` rebuilds every
 model from its safetensors file and re-evaluates it on the test split (the results are written only when every
@@ -89,17 +92,18 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "os": platform.platform(), "cuda": torch.cuda.is_available()}
+            "os": platform.platform(), "cuda": torch.cuda.is_available(), "gpu": gpu}
 
 
-def render(dataset: str, res: dict) -> str:
+def render(dataset: str, res: dict, stem: str) -> str:
     m = res["metrics"]
     teacher = next(r for r in m["models"] if r["role"] == "teacher")
     lines = [f"# {dataset}: the paper vs edgepkd", "",
              f"Produced by `{res['command']}` on {res['date']}.", "",
-             f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, CUDA "
-             f"{'yes' if res['machine']['cuda'] else 'no'}; torch {res['machine']['torch']}, Python "
+             f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, "
+             f"{'GPU ' + res['machine']['gpu'] if res['machine'].get('gpu') else 'no GPU'}; torch {res['machine']['torch']}, Python "
              f"{res['machine']['python']}. Recipe `{res['recipe']}`; wall time of the whole recipe "
              f"(teacher, baselines, both strategies, evaluation): **{res['wall_time_s'] / 60:.1f} min**"
              + (f" (load average while it ran: {res['load']})" if res.get("load") else "") + ".", "",
@@ -135,7 +139,7 @@ def render(dataset: str, res: dict) -> str:
         lines.append(f"| {g['goal']} | {g['model'] or '—'} | "
                      f"{'—' if g['mflops'] is None else format(g['mflops'], '.3f')} | "
                      f"{'—' if g['acc'] is None else format(g['acc'], '.2f')} | {'yes' if g['met'] else '**no**'} |")
-    lines += ["", "![accuracy vs MFLOPs](" + f"{dataset}.png)", ""]
+    lines += ["", "![accuracy vs MFLOPs](" + f"{stem}.png)", ""]
     return "\n".join(lines)
 
 
@@ -151,24 +155,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", choices=sorted(PAPER))
     ap.add_argument("--data-dir", help="where MNIST/ and cifar10-jpg/ live (default: $EDGEPKD_DATA)")
+    ap.add_argument("--recipe", help="recipe YAML (default: recipes/DATASET.yaml); its file stem names the run "
+                    "and the results files")
     ap.add_argument("--out", default="runs", help="parent of the run directory (default: runs)")
     ap.add_argument("--from-run", metavar="RUN", help="skip training: re-evaluate RUN and write the results")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override passed to distill (recorded in the command line of the results)")
     args = ap.parse_args()
 
-    recipe = f"recipes/{args.dataset}.yaml"
+    recipe = args.recipe or f"recipes/{args.dataset}.yaml"
+    if not (ROOT / recipe).is_file() and not Path(recipe).is_file():
+        print(f"reproduce: --recipe {recipe}: no such file (see recipes/)", file=sys.stderr)
+        return 2
+    stem = Path(recipe).stem
     data_args = ["--data-dir", args.data_dir] if args.data_dir else []
-    command = shlex.join(["python", "benchmarks/reproduce.py", args.dataset] + data_args
+    command = shlex.join(["python", "benchmarks/reproduce.py", args.dataset]
+                         + (["--recipe", recipe] if args.recipe else []) + data_args
                          + [a for s in args.set for a in ("--set", s)])
     exe = [sys.executable, "-m", "edgepkd"]
     if args.from_run:
         run_dir = Path(args.from_run)
         wall, load = None, None
     else:
-        run_dir = Path(args.out) / args.dataset
+        run_dir = Path(args.out) / stem
         start = time.time()
-        p = run(exe + ["distill", recipe, "--out", args.out, "--quiet"] + data_args
+        p = run(exe + ["distill", recipe, "--name", stem, "--out", args.out, "--quiet"] + data_args
                 + [a for s in args.set for a in ("--set", s)] + (["--resume"] if run_dir.exists() else []))
         wall = time.time() - start
         load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -188,15 +199,15 @@ def main() -> int:
            "evaluate_max_diff": evaluated["max_diff"], "metrics": metrics, "paper": PAPER[args.dataset],
            "goals": goals(args.dataset, metrics)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for path, text in ((RESULTS / f"{args.dataset}.json", json.dumps(res, indent=2) + "\n"),
-                       (RESULTS / f"{args.dataset}.md", render(args.dataset, res))):
+    for path, text in ((RESULTS / f"{stem}.json", json.dumps(res, indent=2) + "\n"),
+                       (RESULTS / f"{stem}.md", render(args.dataset, res, stem))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
     png = run_dir / "accuracy_vs_mflops.png"
     if png.exists():
-        (RESULTS / f"{args.dataset}.png").write_bytes(png.read_bytes())
-    print((RESULTS / f"{args.dataset}.md").read_text())
+        (RESULTS / f"{stem}.png").write_bytes(png.read_bytes())
+    print((RESULTS / f"{stem}.md").read_text())
     return 0
 
 

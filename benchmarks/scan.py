@@ -2,10 +2,15 @@
 
     python benchmarks/scan.py                 # writes benchmarks/results/scan.md and scan.json
     python benchmarks/scan.py --quick         # fewer repetitions, for a smoke run
+    python benchmarks/scan.py --device cuda   # on a GPU: benchmarks/results/scan-cuda.md and .json
+
+Every backend is also checked against the reference on the same device and inputs: the max abs difference of
+the output and of every input gradient is recorded (the tests do the same on CPU, in tests/test_scan.py).
 
 Every number is measured in this one run, on this machine; ratios are to the step-by-step reference ('torch').
 Backends: torch (reference), chunked, cpp (edgepkd's), mambapy's Blelloch parallel scan (`pip install mambapy`,
 benchmark only; skipped when absent), mamba_ssm's CUDA kernel (when a GPU and the package are present).
+On --device cuda the CPU-only cpp kernel is left out.
 Memory is the bytes of distinct tensor storages autograd keeps for backward (saved_tensors_hooks), which is
 what a training step holds per scan call; it is exact and does not depend on the allocator.
 """
@@ -47,8 +52,8 @@ def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     return y * F.silu(z) if z is not None else y
 
 
-def available_backends() -> list[str]:
-    names = ["torch", "chunked", "cpp"]
+def available_backends(device: str) -> list[str]:
+    names = ["torch", "chunked"] + (["cpp"] if device == "cpu" else [])
     try:
         import mambapy.pscan  # noqa: F401
 
@@ -57,7 +62,7 @@ def available_backends() -> list[str]:
         names.append("mambapy")
     except ImportError:
         print("mambapy not installed: pip install mambapy to compare with it", file=sys.stderr)
-    if torch.cuda.is_available() and _mamba_ssm_fn() is not None:
+    if device == "cuda" and _mamba_ssm_fn() is not None:
         names.append("mamba_ssm")
     return names
 
@@ -76,8 +81,19 @@ def step(fn, x):
     return out
 
 
-def time_backend(name, L, d, n, min_reps, min_seconds):
-    device = "cuda" if name == "mamba_ssm" else "cpu"
+def max_diffs(name, L, d, n, device) -> dict:
+    """Max abs difference to the reference ('torch') on the same device and inputs: output and each gradient."""
+    results = []
+    for backend in ("torch", name):
+        x = inputs(L, d, n, device)
+        out = step(SCAN_BACKENDS.get(backend), x)
+        results.append((out.detach(), {k: v.grad for k, v in x.items()}))
+    (ref, ref_g), (got, got_g) = results
+    return {"out": (ref - got).abs().max().item(),
+            "grad": max((ref_g[k] - got_g[k]).abs().max().item() for k in ref_g)}
+
+
+def time_backend(name, L, d, n, min_reps, min_seconds, device):
     fn, x = SCAN_BACKENDS.get(name), inputs(L, d, n, device)
     step(fn, x)  # warm-up (and, for cpp, the kernel build)
     times = []
@@ -91,9 +107,8 @@ def time_backend(name, L, d, n, min_reps, min_seconds):
     return statistics.median(times)
 
 
-def saved_bytes(name, L, d, n) -> int:
+def saved_bytes(name, L, d, n, device) -> int:
     """Bytes of distinct storages saved for backward by one forward (plus its output)."""
-    device = "cuda" if name == "mamba_ssm" else "cpu"
     fn, x = SCAN_BACKENDS.get(name), inputs(L, d, n, device)
     leaves = {t.untyped_storage().data_ptr() for t in x.values()}
     storages = {}
@@ -110,7 +125,7 @@ def saved_bytes(name, L, d, n) -> int:
     return sum(storages.values())
 
 
-def training_throughput(names, seconds: float) -> dict:
+def training_throughput(names, seconds: float, device: str) -> dict:
     """Images/s of a full training step (forward, backward, AdamW) of the MNIST recipe's largest student."""
     from edgepkd.distill.pipeline import plan_students
     from edgepkd.models import build_student, set_scan_backend
@@ -120,12 +135,11 @@ def training_throughput(names, seconds: float) -> dict:
     spec, flops = plan_students(recipe, (1, 28, 28), 10)[0]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
+    x, y = x.to(device), y.to(device)
     result = {"student": spec, "mflops": flops.flops / 1e6, "batch": 128, "images_per_s": {}}
     for name in names:
-        if name == "mamba_ssm":
-            continue
         torch.manual_seed(0)
-        model = build_student(spec, 10, 1, 28)
+        model = build_student(spec, 10, 1, 28).to(device)
         set_scan_backend(model, name)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -140,6 +154,8 @@ def training_throughput(names, seconds: float) -> dict:
         while steps < 3 or time.perf_counter() - start < seconds:
             train_step()
             steps += 1
+            if device == "cuda":
+                torch.cuda.synchronize()
         result["images_per_s"][name] = steps * 128 / (time.perf_counter() - start)
         print(f"  training {name:8s} {result['images_per_s'][name]:8.0f} images/s", file=sys.stderr)
     return result
@@ -148,30 +164,40 @@ def training_throughput(names, seconds: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 repetition per configuration, short training timing")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the scans run (cuda: results go to scan-cuda.md/.json)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
-    names = available_backends()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("scan.py: --device cuda, but torch sees no CUDA GPU here", file=sys.stderr)
+        return 2
+    names = available_backends(args.device)
     min_reps, min_s = (1, 0.0) if args.quick else (3, 1.0)
     rows = []
     for L, d, n in CONFIGS:
-        row = {"L": L, "d_inner": d, "d_state": n, "batch": BATCH, "seconds": {}, "saved_mb": {}}
+        row = {"L": L, "d_inner": d, "d_state": n, "batch": BATCH, "seconds": {}, "saved_mb": {}, "max_diff": {}}
         for name in names:
-            row["seconds"][name] = time_backend(name, L, d, n, min_reps if name != "torch" else 1, min_s)
-            row["saved_mb"][name] = saved_bytes(name, L, d, n) / 2 ** 20
+            row["seconds"][name] = time_backend(name, L, d, n, min_reps if name != "torch" else 1, min_s,
+                                                args.device)
+            row["saved_mb"][name] = saved_bytes(name, L, d, n, args.device) / 2 ** 20
+            if name != "torch":
+                row["max_diff"][name] = max_diffs(name, L, d, n, args.device)
         ref = row["seconds"]["torch"]
         print(f"L={L:3d} d={d:3d} N={n:2d}  " + "  ".join(
             f"{k} {v * 1e3:8.1f} ms (x{ref / v:5.1f})" for k, v in row["seconds"].items()), file=sys.stderr)
         rows.append(row)
-    train = training_throughput(names, 3.0 if args.quick else 20.0)
+    train = training_throughput(names, 3.0 if args.quick else 20.0, args.device)
     env = {"machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"environment": env, "backends": names, "scan": rows, "training": train,
-            "command": "python benchmarks/scan.py" + (" --quick" if args.quick else "")}
-    (out / "scan.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "scan.md").write_text(render(data))
+    data = {"environment": env, "device": args.device, "backends": names, "scan": rows, "training": train,
+            "command": "python benchmarks/scan.py" + (" --quick" if args.quick else "")
+            + (" --device cuda" if args.device == "cuda" else "")}
+    stem = "scan" if args.device == "cpu" else "scan-cuda"
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(render(data))
     print(render(data))
     return 0
 
@@ -192,6 +218,15 @@ def render(data: dict) -> str:
         lines.append(f"| {r['L']} | {r['d_inner']} | {r['d_state']} | "
                      + " | ".join(f"{r['seconds'][n] * 1e3:.1f} ({ref / r['seconds'][n]:.1f}x)" for n in names)
                      + " | " + " | ".join(f"{r['saved_mb'][n]:.1f}" for n in names) + " |")
+    others = [n for n in names if n != "torch"]
+    if all("max_diff" in r for r in data["scan"]):
+        lines += ["", f"Parity with the reference on the same device ({data.get('device', 'cpu')}): max abs difference "
+                  "of the output / of any input gradient, float32.", "",
+                  "| L | d_inner | d_state | " + " | ".join(f"{n} out / grad" for n in others) + " |",
+                  "|" + "---:|" * (3 + len(others))]
+        for r in data["scan"]:
+            lines.append(f"| {r['L']} | {r['d_inner']} | {r['d_state']} | " + " | ".join(
+                f"{r['max_diff'][n]['out']:.1e} / {r['max_diff'][n]['grad']:.1e}" for n in others) + " |")
     t = data["training"]
     s = t["student"]
     ref = t["images_per_s"]["torch"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 
 class RichReporter:
@@ -14,6 +15,7 @@ class RichReporter:
         self.console = Console(file=stream or sys.stderr, highlight=False)
         self.progress = None
         self.task = None
+        self._shown = 0.0
 
     def stage_start(self, stage: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         self.stage, self.epochs, self.steps = stage, epochs, steps_per_epoch
@@ -33,9 +35,15 @@ class RichReporter:
         self.progress.start()
         self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, loss=float("nan"))
 
-    def step(self, loss: float) -> None:
+    def step(self, loss) -> None:
+        """``loss``: a 0-d tensor. It is read (a GPU sync) at most every 0.2 s, when the bar can show it."""
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=loss)
+            now = time.monotonic()
+            if now - self._shown >= 0.2:
+                self._shown = now
+                self.progress.update(self.task, advance=1, loss=float(loss))
+            else:
+                self.progress.update(self.task, advance=1)
 
     def epoch_end(self, stage: str, epoch: int, epochs: int, stats: dict) -> None:
         if self.progress is not None:

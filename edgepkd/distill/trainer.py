@@ -49,7 +49,7 @@ def init_seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 class Reporter(Protocol):
     def stage_start(self, stage: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None: ...
-    def step(self, loss: float) -> None: ...
+    def step(self, loss: torch.Tensor) -> None: ...  # a 0-d tensor: read it (a device sync) sparingly
     def epoch_end(self, stage: str, epoch: int, epochs: int, stats: dict) -> None: ...
     def stage_end(self, stage: str) -> None: ...
 
@@ -80,7 +80,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    # fused: one kernel per step on CUDA instead of a launch-bound loop over the many tiny tensors of a student
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda)
 
 
 @torch.no_grad()
@@ -182,7 +183,10 @@ def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: 
     """
     t0 = time.perf_counter()
     trained.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    # sums stay on the device: a .item() per step would stall a GPU pipeline on every step
+    loss_sum = torch.zeros((), device=dist.device)
+    correct = torch.zeros((), dtype=torch.long, device=dist.device)
+    seen = 0
     for step in range(steps_per_epoch):
         idx = indices[step * local_batch:(step + 1) * local_batch]
         lr = lr_at(cfg, epoch * steps_per_epoch + step, total_steps, steps_per_epoch)
@@ -204,10 +208,10 @@ def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: 
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        loss_sum += loss.item() * len(idx)
-        correct += (logits.argmax(-1) == y).sum().item()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(-1) == y).sum()
         seen += len(idx)
-        reporter.step(loss.item())
+        reporter.step(loss.detach())
     train_s = time.perf_counter() - t0
     dist.sync_buffers(model)
     model.eval()
@@ -218,7 +222,7 @@ def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: 
         base_fn = targets.base
         val_logits = val_logits + predict(lambda x: base_fn(None, x), data, data.val.x[rows], device=dist.device)
     val_correct = (val_logits.argmax(-1) == data.val.y[rows]).sum().item()
-    loss_sum, correct, seen, val_correct = dist.sum([loss_sum, correct, seen, val_correct])
+    loss_sum, correct, seen, val_correct = dist.sum([loss_sum.item(), correct.item(), seen, val_correct])
     n_val = len(data.val)
     return {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen),
             "val_acc": 100.0 * val_correct / n_val if n_val else None, "lr": lr,
