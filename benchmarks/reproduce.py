@@ -97,16 +97,39 @@ def machine() -> dict:
             "os": platform.platform(), "cuda": torch.cuda.is_available(), "gpu": gpu}
 
 
+def evaluated_note(ev: dict | None) -> str:
+    if not ev:
+        return ""
+    note = ""
+    if ev["device"] != ev["trained_on"]:
+        note += f"; trained on {ev['trained_on']}, re-evaluated on {ev['device']}, tolerance {ev['tolerance']:g}"
+    if ev["missing"]:
+        note += f"; not re-derived, weights not at hand: {', '.join(ev['missing'])}"
+    return note
+
+
 def render(dataset: str, res: dict, stem: str) -> str:
     m = res["metrics"]
+    env = m["environment"]
     teacher = next(r for r in m["models"] if r["role"] == "teacher")
     lines = [f"# {dataset}: the paper vs edgepkd", "",
              f"Produced by `{res['command']}` on {res['date']}.", "",
-             f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, "
+             f"{'Trained on' if res.get('trained_here', True) else 'Results written (models re-evaluated) on'}: "
+             f"{res['machine']['cpu']}, {res['machine']['cores']} cores, "
              f"{'GPU ' + res['machine']['gpu'] if res['machine'].get('gpu') else 'no GPU'}; torch {res['machine']['torch']}, Python "
-             f"{res['machine']['python']}. Recipe `{res['recipe']}`; wall time of the whole recipe "
-             f"(teacher, baselines, both strategies, evaluation): **{res['wall_time_s'] / 60:.1f} min**"
+             f"{res['machine']['python']}. "
+             + ("" if res.get('trained_here', True) else
+                f"Trained on: {env['machine']}, {env['cpus']} CPUs, "
+                f"{'GPU ' + (env.get('gpu') or '(CUDA)') if env.get('cuda') else 'no GPU'}, torch {env['torch']}, "
+                f"Python {env['python']}, scan backend {env['scan_backend']}. ")
+             + f"Recipe `{res['recipe']}`; "
+             + (f"wall time of the last, resumed process: {res['wall_time_s'] / 60:.1f} min; training time of "
+                f"all models summed over every process: **{res['train_time_s'] / 60:.1f} min**"
+                if m.get("resumed") else
+                f"wall time of the whole recipe (teacher, baselines, both strategies, evaluation): "
+                f"**{res['wall_time_s'] / 60:.1f} min**")
              + (f" (load average while it ran: {res['load']})" if res.get("load") else "") + ".", "",
+             *([res["note"], ""] if res.get("note") else []),
              "## The paper (from its abstract; FLOPs only as % of its own teacher)", "",
              "| model | % teacher FLOPs | accuracy (%) |", "|---|---:|---:|"]
     for p in PAPER[dataset]:
@@ -115,7 +138,8 @@ def render(dataset: str, res: dict, stem: str) -> str:
     lines += ["", f"## edgepkd (teacher: {teacher['arch']}, {teacher['mflops']:.2f} MFLOPs)", "",
               "FLOPs per image = 2 x MACs of conv/linear layers + the selective scan (9·L·D·N + 2·L·D). "
               "Test-split top-1 accuracy, re-derived from the saved weights by `edgepkd evaluate` "
-              f"(max difference to metrics.json: {res['evaluate_max_diff']:.2g} points).", "",
+              f"(max difference to metrics.json: {res['evaluate_max_diff']:.2g} points"
+              + evaluated_note(res.get("evaluate")) + ").", "",
               "| model | role | params | MFLOPs | % teacher FLOPs | accuracy (%) |", "|---|---|---:|---:|---:|---:|"]
     for r in m["models"]:
         if r["role"] == "ensemble":
@@ -159,6 +183,9 @@ def main() -> int:
                     "and the results files")
     ap.add_argument("--out", default="runs", help="parent of the run directory (default: runs)")
     ap.add_argument("--from-run", metavar="RUN", help="skip training: re-evaluate RUN and write the results")
+    ap.add_argument("--skip-missing", action="store_true",
+                    help="with --from-run: models whose weights are missing are listed as not re-derived")
+    ap.add_argument("--note", help="a sentence for the results (e.g. how an interrupted run was resumed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override passed to distill (recorded in the command line of the results)")
     args = ap.parse_args()
@@ -188,15 +215,20 @@ def main() -> int:
             return p.returncode
     run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    p = run(exe + ["evaluate", str(run_dir), "--json"] + data_args)
+    p = run(exe + ["evaluate", str(run_dir), "--json"] + data_args
+            + (["--skip-missing"] if args.skip_missing else []))
     if p.returncode != 0:
+        print(p.stdout, file=sys.stderr)
         print("reproduce: re-evaluating the saved weights does not reproduce metrics.json", file=sys.stderr)
         return 1
     evaluated = json.loads(p.stdout)
     res = {"dataset": args.dataset, "recipe": recipe, "command": command,
            "date": dt.date.today().isoformat(), "machine": machine(),
            "wall_time_s": wall if wall is not None else metrics["wall_time_s"], "load": load,
-           "evaluate_max_diff": evaluated["max_diff"], "metrics": metrics, "paper": PAPER[args.dataset],
+           "trained_here": not args.from_run, "evaluate_max_diff": evaluated["max_diff"],
+           "evaluate": {k: evaluated[k] for k in ("device", "trained_on", "tolerance", "missing")},
+           "train_time_s": sum(r.get("train_time_s") or 0.0 for r in metrics["models"]), "note": args.note,
+           "metrics": metrics, "paper": PAPER[args.dataset],
            "goals": goals(args.dataset, metrics)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     for path, text in ((RESULTS / f"{stem}.json", json.dumps(res, indent=2) + "\n"),

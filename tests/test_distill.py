@@ -40,6 +40,43 @@ def test_end_to_end_synthetic_run_directory(tiny_recipe, tmp_path, capsys):
     assert "ensemble[1..2]" in report and "% teacher FLOPs" in report
     # evaluate re-derives every number from the saved weights
     assert main(["evaluate", str(run)]) == 0
+    assert metrics["environment"]["device"] == "cpu" and metrics["resumed"] is False
+    check_evaluate_tolerance_and_missing_weights(run, capsys)
+
+
+def check_evaluate_tolerance_and_missing_weights(run, capsys):
+    """Exact on the device kind the run trained on; 0.1 points across kinds; missing weights named."""
+    path = run / "metrics.json"
+    original = json.loads(path.read_text())
+    capsys.readouterr()
+
+    def evaluate_with(device: str, shift: float, *extra) -> int:
+        m = json.loads(json.dumps(original))
+        m["environment"]["device"] = device
+        m["models"][1]["test_acc"] += shift
+        path.write_text(json.dumps(m))
+        return main(["evaluate", str(run), "--device", "cpu", *extra])
+
+    try:
+        assert evaluate_with("cpu", 0.05) == 1           # same kind: any difference is a mismatch
+        assert evaluate_with("cuda", 0.05) == 0          # a GPU run checked on a CPU: borderline flips allowed
+        assert "trained on cuda; tolerance 0.1" in capsys.readouterr().out
+        assert evaluate_with("cuda", 0.5) == 1
+        assert evaluate_with("cuda", 0.5, "--tolerance", "1") == 0
+        weights = RunDir(run).weights_path("teacher")
+        weights.rename(weights.with_suffix(".bak"))
+        try:
+            capsys.readouterr()
+            assert evaluate_with("cpu", 0.0) == 2
+            err = capsys.readouterr().err.strip()
+            assert "weights missing for teacher" in err and "--skip-missing" in err and len(err.splitlines()) == 1
+            assert evaluate_with("cpu", 0.0, "--skip-missing", "--json") == 0
+            out = json.loads(capsys.readouterr().out)
+            assert out["missing"] == ["teacher"] and "teacher" not in [r["name"] for r in out["results"]]
+        finally:
+            weights.with_suffix(".bak").rename(weights)
+    finally:
+        path.write_text(json.dumps(original))
 
 
 def test_refuses_to_overwrite_and_resume_needs_a_run(tiny_recipe, tmp_path, capsys):
