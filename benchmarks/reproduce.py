@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepkd.report import MODEL_HEADER, architecture_table, model_row  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 # From the paper's abstract ("Mamba base PKD for efficient knowledge compression", 2025). It states accuracies
@@ -140,24 +143,10 @@ def render(dataset: str, res: dict, stem: str) -> str:
               "Test-split top-1 accuracy, re-derived from the saved weights by `edgepkd evaluate` "
               f"(max difference to metrics.json: {res['evaluate_max_diff']:.2g} points"
               + evaluated_note(res.get("evaluate")) + ").", "",
-              "| model | role | params | MFLOPs | % teacher FLOPs | accuracy (%) |", "|---|---|---:|---:|---:|---:|"]
-    for r in m["models"]:
-        if r["role"] == "ensemble":
-            continue
-        lines.append(f"| {r['name']} | {r['role']} | {r['params']:,} | {r['mflops']:.3f} | "
-                     f"{r['pct_teacher_flops']:.2f} | {r['test_acc']:.2f} |")
-    lines += ["", "Ensemble prefixes (anytime models: members 1..k trained smallest first, logits summed):", "",
-              "| prefix | params | MFLOPs | % teacher FLOPs | accuracy (%) |", "|---|---:|---:|---:|---:|"]
-    for p in m["ensemble_prefixes"]:
-        lines.append(f"| {p['name']} | {p['params']:,} | {p['mflops']:.3f} | {p['pct_teacher_flops']:.2f} | "
-                     f"{p['test_acc']:.2f} |")
-    lines += ["", "Student architectures:", "", "| student | d_model | depth | d_state | patch | stem |",
-              "|---|---:|---:|---:|---:|---|"]
-    for r in m["models"]:
-        if r["role"] == "chain":
-            s = r["spec"]
-            lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['patch_size']} | "
-                         f"{s.get('stem', 'patch')} |")
+              ] + MODEL_HEADER + [model_row(r) for r in m["models"] if r["role"] != "ensemble"]
+    lines += ["", "Ensemble prefixes (anytime models: members 1..k trained smallest first, logits summed):", ""]
+    lines += MODEL_HEADER + [model_row(p) for p in m["ensemble_prefixes"]]
+    lines += ["", "Student architectures:", ""] + architecture_table([r for r in m["models"] if r["role"] == "chain"])
     lines += ["", "## Goals (issue #5)", "", "| goal | model | MFLOPs | accuracy (%) | met |", "|---|---|---:|---:|---|"]
     for g in res["goals"]:
         lines.append(f"| {g['goal']} | {g['model'] or '—'} | "

@@ -16,31 +16,39 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+MODEL_HEADER = ["| model | role | params | MFLOPs | % teacher FLOPs | test acc (%) | train time (s) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+
+
+def model_row(r: dict) -> str:
+    """One line of MODEL_HEADER's table for a model or an ensemble prefix of metrics.json."""
+    return (f"| {r['name']} | {r.get('role', 'ensemble')} | {r['params']:,} | {r['mflops']:.3f} | "
+            f"{r['pct_teacher_flops']:.2f} | {_fmt(r['test_acc'], '.2f')} | {_fmt(r.get('train_time_s'), '.1f')} |")
+
+
+def architecture_table(models: list[dict]) -> list[str]:
+    """The students' hyper-parameters, one line each (models of metrics.json; non-Mamba ones skipped)."""
+    lines = ["| model | d_model | depth | d_state | expand | patch | stem | bidirectional |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in models:
+        if r["arch"] == "mamba":
+            s = r["spec"]
+            lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['expand']} | "
+                         f"{s['patch_size']} | {s.get('stem', 'patch')} | {s['bidirectional']} |")
+    return lines
+
+
 def render_markdown(metrics: dict) -> str:
     ds = metrics["dataset"]
     lines = [f"# {metrics['recipe']}: progressive distillation into Mamba students", "",
              f"Dataset `{ds['name']}` ({ds['train']} train / {ds['val']} val / {ds['test']} test images, "
              f"input {'x'.join(map(str, ds['input_shape']))}). Accuracy is top-1 on the test split.", "",
              f"FLOP convention: {metrics['flop_convention']}.", ""]
-    header = ["| model | role | params | MFLOPs | % teacher FLOPs | test acc (%) | train time (s) |",
-              "|---|---|---:|---:|---:|---:|---:|"]
-    lines += ["## Models", ""] + header
-    for r in metrics["models"]:
-        lines.append(f"| {r['name']} | {r['role']} | {r['params']:,} | {r['mflops']:.3f} | "
-                     f"{r['pct_teacher_flops']:.2f} | {_fmt(r['test_acc'], '.2f')} | {_fmt(r['train_time_s'], '.1f')} |")
+    lines += ["## Models", ""] + MODEL_HEADER + [model_row(r) for r in metrics["models"]]
     if metrics["ensemble_prefixes"]:
-        lines += ["", "## Ensemble prefixes (anytime models: logits of members 1..k summed)", ""] + header
-        for p in metrics["ensemble_prefixes"]:
-            lines.append(f"| {p['name']} | ensemble | {p['params']:,} | {p['mflops']:.3f} | "
-                         f"{p['pct_teacher_flops']:.2f} | {_fmt(p['test_acc'], '.2f')} | {p['train_time_s']:.1f} |")
-    lines += ["", "## Student architectures", "",
-              "| model | d_model | depth | d_state | expand | patch | stem | bidirectional |",
-              "|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in metrics["models"]:
-        if r["arch"] == "mamba":
-            s = r["spec"]
-            lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['expand']} | "
-                         f"{s['patch_size']} | {s.get('stem', 'patch')} | {s['bidirectional']} |")
+        lines += ["", "## Ensemble prefixes (anytime models: logits of members 1..k summed)", ""] + MODEL_HEADER
+        lines += [model_row(p) for p in metrics["ensemble_prefixes"]]
+    lines += ["", "## Student architectures", ""] + architecture_table(metrics["models"])
     env = metrics["environment"]
     lines += ["", f"Wall time {metrics['wall_time_s']:.0f} s on {env['machine']} ({env['cpus']} CPUs), "
               f"torch {env['torch']}, scan backend `{env['scan_backend']}`, edgepkd {env['edgepkd']}.",

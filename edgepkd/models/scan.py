@@ -64,14 +64,16 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """Reference selective scan in pure PyTorch: one multiply-add per position, everything else vectorised.
 
     Also the export form: unrolled at a fixed L it is one SPLIT of the decays and of the inputs, two elementwise
-    ops per position, one CONCAT of the states and one contraction with C (about 2·L + 10 ops per branch)."""
+    ops per position (none for the first: the state starts at zero), one CONCAT of the states and one
+    contraction with C (about 2·L + 10 ops per branch)."""
     dt = _step_size(delta, delta_bias, delta_softplus)                  # (B, D, L)
     dA = torch.exp(dt.unsqueeze(-1) * A.float()[:, None, :])            # (B, D, L, N)
     dBu = (dt * u.float()).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(1)  # (B, D, L, N)
     decays, inputs = dA.split(1, dim=2), dBu.split(1, dim=2)            # L x (B, D, 1, N): one SPLIT op each
-    h = torch.zeros_like(inputs[0])                                     # (B, D, 1, N)
-    states = []
-    for a, x in zip(decays, inputs):
+    h = inputs[0] if len(inputs) > 1 else inputs[0] + 0 * decays[0]     # (B, D, 1, N): h_0 = x_0 (h_-1 = 0);
+    # at L = 1 the decay still joins the graph, so A gets its (zero) gradient as in every other backend
+    states = [h]
+    for a, x in zip(decays[1:], inputs[1:]):
         h = a * h + x                                                   # (B, D, 1, N)
         states.append(h)
     y = (torch.cat(states, dim=2) * C.float().transpose(1, 2).unsqueeze(1)).sum(-1)  # (B, D, L)
