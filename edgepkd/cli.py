@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a recipe: train (or load) the teacher, then distill progressively smaller "
                        "Mamba students as a chain and/or an ensemble of weak learners.\nWrites runs/NAME/: recipe.yaml "
                        "(resolved), weights/*.safetensors, metrics.json, report.md, accuracy_vs_mflops.png.\n"
+                       "Trains on cuda:0 when torch sees a GPU (torchrun: one GPU per process), else on the CPU.\n"
                        "Ctrl-C leaves a checkpoint; --resume continues from the last finished epoch.")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see recipes/)")
     _add_run_args(p)
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-targets", action="store_true", help="list the export targets and exit")
     p.add_argument("--targets-dir", action="append", default=[], metavar="DIR",
                    help="another folder of target YAML files (./export/ is always read)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="write the models that pass verification, skip (and name) those that fail; exits 1 "
+                   "when any was skipped")
     p.add_argument("--no-verify", action="store_true", help="skip verification (says loudly that nothing was "
                    "checked; the manifest records it)")
     p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
@@ -436,14 +440,21 @@ def cmd_export(args) -> int:
         print("edgepkd: WARNING: --no-verify: the exported files are NOT checked against PyTorch; "
               "the manifest marks them unverified", file=sys.stderr)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    entries = []
+    entries, refused = [], []
     for target in chosen:
         log(f"{target.name}: exporting {args.run}")
+        skipped: list[str] = []
         entries += export_run(args.run, target, model=args.model, do_verify=not args.no_verify,
-                              data_dir=args.data_dir, log=log)
+                              data_dir=args.data_dir, log=log, keep_going=args.keep_going, refused=skipped)
         log(f"  manifest: {args.run}/export/{target.name}/manifest.json")
+        refused += [f"{target.name}: {name}" for name in skipped]
     if args.json:
         print(json.dumps(entries, indent=2))
+    if refused:
+        from edgepkd.compress.export import VerificationError
+
+        raise VerificationError(f"{len(refused)} model(s) failed verification and were not written "
+                                f"({', '.join(refused)}); the {len(entries)} that passed were")
     return 0
 
 

@@ -161,7 +161,7 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.3                 # weight of the label loss; 1 - alpha goes to the distillation term
     ensemble_order: Literal["ascending", "descending"] = "ascending"  # smallest first: prefixes grow in cost (anytime)
-    ensemble_hard_weight: float = 1.0  # samples weigh KL(teacher || ensemble so far) ** this; 0 = uniform
+    ensemble_hard_weight: float = 0.0  # samples weigh KL(teacher || ensemble so far) ** this; 0 = uniform
     cache_teacher: bool = True         # compute teacher logits once (only when augment is 'none')
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=5e-3, weight_decay=0.01))
 

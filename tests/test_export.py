@@ -152,6 +152,30 @@ def test_broken_artifact_is_caught_and_nothing_is_written(run_copy, monkeypatch,
     assert [a["file"] for a in json.loads((folder / "manifest.json").read_text())["artifacts"]] == ["chain-s1.onnx"]
 
 
+def test_keep_going_writes_the_models_that_pass_and_names_the_others(run_copy, monkeypatch, capsys):
+    real_export = onnx_export.export
+
+    def corrupt_s2(model, example, path, *args, **kwargs):
+        import copy
+
+        if "chain-s2" in path.name:  # written under a temporary name first
+            model = copy.deepcopy(model)
+            with torch.no_grad():
+                model.head.bias.add_(0.01)
+        return real_export(model, example, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export", corrupt_s2)
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--keep-going"]) == 1
+    captured = capsys.readouterr()
+    assert "chain-s2.onnx" in captured.out and "skipped: failed verification" in captured.out
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "1 model(s) failed verification" in err and "onnx-fp32: chain/s2" in err
+    folder = run_copy / "export" / "onnx-fp32"
+    written = [a["model"] for a in json.loads((folder / "manifest.json").read_text())["artifacts"]]
+    assert "chain/s2" not in written and "chain/s1" in written and len(written) >= 3
+    assert not (folder / "chain-s2.onnx").exists() and not list(folder.glob(".*"))
+
+
 def test_no_verify_says_so_loudly(run_copy, capsys):
     assert main(["export", str(run_copy), "--target", "onnx-fp32", "--model", "chain/s2", "--no-verify"]) == 0
     captured = capsys.readouterr()

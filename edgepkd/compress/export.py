@@ -96,11 +96,13 @@ def sha256(path: Path) -> str:
 
 
 def export_run(run_path: str, target: ExportTarget, *, model: str | None = None, do_verify: bool = True,
-               data_dir: str | None = None, log=print, keep_going: bool = False) -> list[dict]:
+               data_dir: str | None = None, log=print, keep_going: bool = False,
+               refused: list[str] | None = None) -> list[dict]:
     """Export, verify and describe the models of a run for one target; returns the manifest entries written.
 
     ``keep_going``: a model that fails verification is logged and skipped (nothing written for it) instead of
-    stopping the export; ``edgepkd distill --device`` uses it so that the models that pass stay candidates."""
+    stopping the export (its name is appended to ``refused``); ``edgepkd export --keep-going`` and
+    ``edgepkd distill --device`` use it so that the models that pass are written."""
     from edgepkd.data import load_dataset
     from edgepkd.models import export_mode, load_model
     from edgepkd.recipe import load_recipe
@@ -170,6 +172,8 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
         if result is not None and not result.passed and keep_going:
             _cleanup(tmp)
             log(f"  {c.file_stem + target.suffix:<24} skipped: failed verification ({'; '.join(result.failures)})")
+            if refused is not None:
+                refused.append(c.name)
             continue
         if result is not None and not result.passed:
             _cleanup(tmp)
