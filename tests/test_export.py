@@ -152,6 +152,24 @@ def test_broken_artifact_is_caught_and_nothing_is_written(run_copy, monkeypatch,
     assert [a["file"] for a in json.loads((folder / "manifest.json").read_text())["artifacts"]] == ["chain-s1.onnx"]
 
 
+def test_pt2e_exclude_modules_leaves_the_scan_projections_unannotated(run_dir):
+    """tflite-int8-static keeps x_proj / dt_proj float: their nodes carry no quantization annotation."""
+    from edgepkd.compress.tflite_export import _module_path, _quantizer
+    from edgepkd.models import export_mode, load_model
+    from edgepkd.rundir import RunDir
+
+    target = load_targets().get("tflite-int8-static")
+    assert target.quantization.exclude_modules == ["*.x_proj", "*.dt_proj"]
+    model, meta = load_model(RunDir(run_dir).weights_path("chain/s1"))
+    example = torch.zeros(1, *meta["preprocessing"]["input_shape"])
+    with export_mode(model.eval()):
+        gm = torch.export.export(model, (example,)).module()
+    _quantizer(target).annotate(gm)
+    annotated = {_module_path(n) for n in gm.graph.nodes if "quantization_annotation" in n.meta}
+    assert any(p.endswith(".in_proj") for p in annotated) and "head" in annotated
+    assert not any(p.endswith((".x_proj", ".dt_proj")) for p in annotated)
+
+
 def test_keep_going_writes_the_models_that_pass_and_names_the_others(run_copy, monkeypatch, capsys):
     real_export = onnx_export.export
 

@@ -28,7 +28,7 @@ class QuantConfig:
     op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])  # ort_*: ops to quantize
     per_channel: bool = True
     calibration_images: int = 256                       # training images run through the model to calibrate
-    exclude_modules: list[str] = field(default_factory=list)  # glob patterns of module paths kept in float
+    exclude_modules: list[str] = field(default_factory=list)  # ort_*, pt2e: glob patterns of module paths kept float
     calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile"  # ort_static activation ranges
     modules: list[Literal["linear", "conv"]] = field(default_factory=lambda: ["linear", "conv"])  # pt2e
     activations: Literal["static", "dynamic"] = "static"  # pt2e: calibrated int8 activations (int8 I/O), or

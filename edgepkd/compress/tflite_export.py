@@ -11,6 +11,8 @@ entry 'edgepkd' (JSON), readable with ai_edge_litert alone.
 
 from __future__ import annotations
 
+import fnmatch
+
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -35,17 +37,30 @@ def _quantizer(target: ExportTarget):
     from litert_torch.quantize.pt2e_quantizer_utils import OP_TO_ANNOTATOR
 
     ops = list(target.quantization.modules)
+    excluded = list(target.quantization.exclude_modules)
 
     class LinearConvQuantizer(PT2EQuantizer):
         def annotate(self, gm):
             for op in ops:
                 OP_TO_ANNOTATOR[op](gm, self.global_config, None)
+            if excluded:  # drop the annotations of nodes inside excluded modules: they stay float
+                for node in gm.graph.nodes:
+                    if _module_path(node) and any(fnmatch.fnmatch(_module_path(node), p) for p in excluded):
+                        node.meta.pop("quantization_annotation", None)
             return gm
 
     q = LinearConvQuantizer()
     q.set_global(get_symmetric_quantization_config(is_per_channel=target.quantization.per_channel,
                                                    is_dynamic=target.quantization.activations == "dynamic"))
     return q
+
+
+def _module_path(node) -> str:
+    """The module a graph node of torch.export belongs to ('blocks.0.mixer.ssm.x_proj'), from nn_module_stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]               # (qualified name, type) of the innermost module
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
