@@ -38,7 +38,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field, type-checked (repeatable), e.g. --set distill.temperature=2")
     p.add_argument("--name", help="run name (directory under --out); default: the recipe's name")
     p.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
-    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+    _add_data_dir(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run of the same name from its last finished epoch (same recipe and --set)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, load the data, print the "
@@ -54,6 +54,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "machines run torchrun yourself (see the README)")
 
 
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+
+
 def _add_devices_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
                    help="another folder of device profile YAML files (./devices/ is always read)")
@@ -67,7 +71,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    "images (no top-1)")
     p.add_argument("--min-runs", type=int, default=50, metavar="N", help="timed runs, at least (default 50)")
     p.add_argument("--min-seconds", type=float, default=1.0, metavar="S", help="timed seconds, at least (default 1)")
-    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+    _add_data_dir(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when any was skipped")
     p.add_argument("--no-verify", action="store_true", help="skip verification (says loudly that nothing was "
                    "checked; the manifest records it)")
-    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+    _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
 
     p = sub.add_parser("bench", help="time exported models on a device, in its runtime (or estimate them)",
@@ -158,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a GPU run checked on a CPU) float differences flip borderline images, so 0.1 points "
                        "are allowed unless --tolerance says otherwise.")
     p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/digits")
-    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+    _add_data_dir(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to evaluate (auto: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--tolerance", type=float, metavar="POINTS",
