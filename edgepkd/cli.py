@@ -321,8 +321,6 @@ def _deploy(run_path: Path, args) -> int:
 
 
 def _unseen(run, dist):
-    from edgepkd.errors import RunError
-
     raise RunError(f"rank {dist.rank} does not see {run.recipe_path}, which rank 0 wrote: put --out on a "
                    "filesystem that every machine of the run shares (ranks resume from the same checkpoint)")
 

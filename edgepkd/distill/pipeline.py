@@ -110,7 +110,6 @@ def check_recipe(recipe: Recipe, data: Dataset) -> list[tuple[dict, FlopReport]]
     build_teacher(recipe.teacher.arch, dict(recipe.teacher.args), data.num_classes, c, h)
     for i, b in enumerate(recipe.baselines):
         try:
-            TEACHERS.get(b.arch)
             build_teacher(b.arch, dict(b.args), data.num_classes, c, h)
         except ConfigError as e:
             raise ConfigError(f"baselines.{i}: {e}") from None

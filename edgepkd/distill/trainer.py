@@ -148,6 +148,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
     sampler = DistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=0,
                                  drop_last=False)
     rank_tag = f"/rank{dist.rank}" if dist.rank else ""  # rank 0 draws what a single process draws
+    # the frozen ensemble's validation logits do not change during the stage: computed once, not every epoch
+    val_base = (predict(lambda x: targets.base(None, x), data, data.val.x[dist.shard(len(data.val))],
+                        device=dist.device) if targets.base is not None else None)  # (rows, K)
 
     reporter.stage_start(stage, cfg.epochs, steps_per_epoch, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
@@ -159,7 +162,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
                            augment_gen=torch.Generator().manual_seed(
                                stage_seed(seed, stage + "/augment" + rank_tag, epoch)),
                            steps_per_epoch=steps_per_epoch, total_steps=total_steps, augment_mode=augment_mode,
-                           targets=targets, reporter=reporter, dist=dist)
+                           targets=targets, val_base=val_base, reporter=reporter, dist=dist)
         train_time += stats.pop("train_s")
         history.append(stats)
         if run is not None and dist.is_main:
@@ -176,7 +179,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
 def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: TrainConfig, *, stage: str,
            epoch: int, indices: torch.Tensor, local_batch: int, augment_gen: torch.Generator,
            steps_per_epoch: int, total_steps: int, augment_mode: str, targets: StageTargets,
-           reporter: Reporter, dist: DistContext) -> dict:
+           val_base: torch.Tensor | None, reporter: Reporter, dist: DistContext) -> dict:
     """One epoch of training then validation; returns its stats (and 'train_s', the training time).
 
     ``trained`` is ``model`` itself or its DDP wrapper; ``indices`` this rank's share of the epoch's order.
@@ -218,9 +221,8 @@ def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: 
     # validation: each rank its block of the split; counts summed with the training ones in one all-reduce
     rows = dist.shard(len(data.val))
     val_logits = predict(model, data, data.val.x[rows], device=dist.device)                 # (rows, K)
-    if targets.base is not None:
-        base_fn = targets.base
-        val_logits = val_logits + predict(lambda x: base_fn(None, x), data, data.val.x[rows], device=dist.device)
+    if val_base is not None:
+        val_logits = val_logits + val_base
     val_correct = (val_logits.argmax(-1) == data.val.y[rows]).sum().item()
     loss_sum, correct, seen, val_correct = dist.sum([loss_sum.item(), correct.item(), seen, val_correct])
     n_val = len(data.val)

@@ -21,7 +21,7 @@ from edgepkd.errors import EdgepkdError, RunError
 from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench, format_table, \
     now, ram_bytes, resolve
 from edgepkd.measure.devices import MIB, DeviceProfile
-from edgepkd.rundir import atomic_write_json
+from edgepkd.rundir import RunDir, atomic_write_json
 
 
 class NothingFits(EdgepkdError):
@@ -222,8 +222,6 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
          min_accuracy: float | None = None, options: BenchOptions | None = None, run_bench: bool = True,
          log=print) -> Selection:
     """Gather candidates, bench the ones without a current result on this device, and choose."""
-    from edgepkd.rundir import RunDir
-
     run = Path(run_path)
     RunDir(run).require_complete()
     limits = Limits(latency_ms if latency_ms is not None else profile.budget.latency_ms, profile.budget.ram_mib,
@@ -288,14 +286,14 @@ def render(sel: Selection) -> str:
     return f"{head}\n{table}"
 
 
-def deploy(run_path: str, profile: DeviceProfile, *, data_dir: str | None = None, targets_dirs=(), log=print,
+def deploy(run_path: str, profile: DeviceProfile, *, data_dir: str | None = None, log=print,
            options: BenchOptions | None = None) -> Selection:
     """``edgepkd distill RECIPE --device NAME``: export the device's targets (a model failing verification is
     skipped), bench every candidate on the device, pick."""
     from edgepkd.compress.export import export_run
     from edgepkd.compress.targets import load_targets
 
-    targets = load_targets(list(targets_dirs))
+    targets = load_targets()
     chosen = ([targets.get(n) for n in profile.export_targets] if profile.export_targets else
               [t for _, t in targets.items() if t.format == profile.format and t.precision in profile.precisions])
     for target in chosen:
