@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgepkd.report import MODEL_HEADER, architecture_table, model_row  # noqa: E402
+from edgepkd.report import MODEL_HEADER, architecture_table, load_metrics, model_row  # noqa: E402
+from edgepkd.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 # From the paper's abstract ("Mamba base PKD for efficient knowledge compression", 2025). It states accuracies
@@ -203,7 +204,7 @@ def main() -> int:
             print(f"reproduce: distill failed (exit {p.returncode})", file=sys.stderr)
             return p.returncode
     run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = load_metrics(run_dir)
     p = run(exe + ["evaluate", str(run_dir), "--json"] + data_args
             + (["--skip-missing"] if args.skip_missing else []))
     if p.returncode != 0:
@@ -220,15 +221,13 @@ def main() -> int:
            "metrics": metrics, "paper": PAPER[args.dataset],
            "goals": goals(args.dataset, metrics)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for path, text in ((RESULTS / f"{stem}.json", json.dumps(res, indent=2) + "\n"),
-                       (RESULTS / f"{stem}.md", render(args.dataset, res, stem))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    markdown = render(args.dataset, res, stem)
+    atomic_write_json(RESULTS / f"{stem}.json", res)
+    atomic_write_text(RESULTS / f"{stem}.md", markdown)
     png = run_dir / "accuracy_vs_mflops.png"
     if png.exists():
-        (RESULTS / f"{stem}.png").write_bytes(png.read_bytes())
-    print((RESULTS / f"{stem}.md").read_text())
+        atomic_write_bytes(RESULTS / f"{stem}.png", png.read_bytes())
+    print(markdown)
     return 0
 
 

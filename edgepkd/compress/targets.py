@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgepkd.config import check, load_named, load_named_dirs
+from edgepkd.config import check, load_named_dirs
 from edgepkd.registry import Registry
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "export"
@@ -79,10 +79,6 @@ class ExportTarget:
     @property
     def suffix(self) -> str:
         return {"onnx": ".onnx", "tflite": ".tflite", "torch": ".pt2"}[self.format]
-
-
-def load_target(path: Path) -> ExportTarget:
-    return load_named(ExportTarget, path)
 
 
 def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:
