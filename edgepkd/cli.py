@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", nargs="?", help="run directory, e.g. runs/digits")
     p.add_argument("--target", action="append", default=[], metavar="NAME",
                    help="export target (repeatable); see --list-targets")
-    p.add_argument("--model", metavar="NAME", help="export only this model (e.g. chain/s2, ensemble[1..3], teacher)")
+    p.add_argument("--model", metavar="NAME", action="append",
+                   help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher)")
     p.add_argument("--list-targets", action="store_true", help="list the export targets and exit")
     p.add_argument("--targets-dir", action="append", default=[], metavar="DIR",
                    help="another folder of target YAML files (./export/ is always read)")
@@ -445,11 +446,11 @@ def cmd_export(args) -> int:
     entries, refused = [], []
     for target in chosen:
         log(f"{target.name}: exporting {args.run}")
-        skipped: list[str] = []
-        entries += export_run(args.run, target, model=args.model, do_verify=not args.no_verify,
-                              data_dir=args.data_dir, log=log, keep_going=args.keep_going, refused=skipped)
+        skipped: list[str] | None = [] if args.keep_going else None
+        entries += export_run(args.run, target, models=args.model, do_verify=not args.no_verify,
+                              data_dir=args.data_dir, log=log, refused=skipped)
         log(f"  manifest: {args.run}/export/{target.name}/manifest.json")
-        refused += [f"{target.name}: {name}" for name in skipped]
+        refused += [f"{target.name}: {name}" for name in skipped or []]
     if args.json:
         print(json.dumps(entries, indent=2))
     if refused:

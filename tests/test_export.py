@@ -61,8 +61,8 @@ def test_list_targets(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "tflite-fp32", "tflite-int8",
-                                  "tflite-int8-static", "torch-int8"])
+@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-int8-weights", "tflite-fp32",
+                                  "tflite-int8", "tflite-int8-static", "tflite-int8-weights", "torch-int8"])
 def test_every_target_exports_verifies_and_describes(name, run_copy, loose_targets, capsys):
     target = name if name.endswith("fp32") else f"loose-{name}"
     assert main(["export", str(run_copy), "--target", target, "--model", "chain/s2", "--targets-dir",
@@ -88,6 +88,62 @@ def test_default_exports_every_student_and_prefix(run_copy, capsys):
     assert main(["export", str(run_copy), "--target", "onnx-fp32", "--json"]) == 0
     files = sorted(e["file"] for e in json.loads(capsys.readouterr().out))
     assert files == ["chain-s1.onnx", "chain-s2.onnx", "ensemble-1-1.onnx", "ensemble-1-2.onnx"]
+
+
+def test_model_is_repeatable_and_keeps_the_order_given(run_copy, capsys):
+    assert main(["export", str(run_copy), "--target", "onnx-fp32", "--model", "ensemble[1..2]", "--model", "chain-s1",
+                 "--model", "chain/s1", "--json"]) == 0
+    assert [e["model"] for e in json.loads(capsys.readouterr().out)] == ["ensemble[1..2]", "chain/s1"]
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    """The op types onnxruntime executes for ``path``: the graph after its load-time optimizations."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / f"opt-{path.name}")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_onnx_int8_weights_stores_int8_and_runs_the_fp32_graph(run_copy, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    for target in ("onnx-fp32", "onnx-int8-weights"):
+        assert main(["export", str(run_copy), "--target", target, "--model", "chain/s1"]) == 0
+    fp32 = run_copy / "export" / "onnx-fp32" / "chain-s1.onnx"
+    int8 = run_copy / "export" / "onnx-int8-weights" / "chain-s1.onnx"
+    graph = onnx.load(str(int8)).graph
+    scales = {n.input[1] for n in graph.node if n.op_type == "Mul" and n.input[0] in
+              {c.output[0] for c in graph.node if c.op_type == "Cast"}}
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert not [a.shape for name, a in stored.items() if a.dtype == np.float32 and a.size >= 64 and name not in scales]
+    assert sum(a.size for a in stored.values() if a.dtype == np.int8) > 0.8 * sum(
+        numpy_helper.to_array(t).size for t in onnx.load(str(fp32)).graph.initializer)
+    # the Cast + Mul decoders are folded when the session loads: it runs exactly the fp32 graph's ops
+    assert _optimized_ops(int8, tmp_path) == _optimized_ops(fp32, tmp_path)
+
+
+def test_tflite_int8_weights_dequantizes_constants_only(run_copy):
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    assert main(["export", str(run_copy), "--target", "tflite-int8-weights", "--model", "chain/s1"]) == 0
+    model = flatbuffer_utils.read_model(str(run_copy / "export" / "tflite-int8-weights" / "chain-s1.tflite"))
+    (sub,) = model.subgraphs
+    codes = [model.operatorCodes[op.opcodeIndex].builtinCode for op in sub.operators]
+    decoders = [op for op, c in zip(sub.operators, codes) if c == schema.BuiltinOperator.DEQUANTIZE]
+    assert decoders and codes[:len(decoders)] == [schema.BuiltinOperator.DEQUANTIZE] * len(decoders)
+    for op in decoders:  # an int8 constant in, a float tensor without data out
+        src, dst = sub.tensors[op.inputs[0]], sub.tensors[op.outputs[0]]
+        assert src.type == schema.TensorType.INT8 and model.buffers[src.buffer].data is not None
+        assert dst.type == schema.TensorType.FLOAT32 and model.buffers[dst.buffer].data is None
+        assert len(src.quantization.scale) in (1, src.shape[src.quantization.quantizedDimension])
+    big_float = [t.shape for t in sub.tensors if t.type == schema.TensorType.FLOAT32
+                 and model.buffers[t.buffer].data is not None and np.prod(t.shape) >= 64]
+    assert not big_float
 
 
 def test_plain_runtime_script_reproduces_manifest_accuracy(run_copy, loose_targets):

@@ -70,21 +70,25 @@ def require_runtime(target: ExportTarget) -> None:
                            "pip install -e '.[export]' (or pip install 'edgepkd[export]')")
 
 
-def candidates(run: RunDir, metrics: dict, only: str | None) -> list[Candidate]:
-    """Every student and ensemble prefix (default), or the one model named ``only`` (teacher included)."""
+def candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> list[Candidate]:
+    """Every student and ensemble prefix (default), or the models named in ``only`` (the teacher included),
+    by name ('chain/s2') or file stem ('chain-s2'), in that order."""
     rows = [Candidate(r["name"], file_stem(r["name"]), [r["name"]], r) for r in metrics["models"]
-            if r["role"] == "chain" or (only is not None and r["name"] == only)]
+            if r["role"] == "chain" or (only and r["name"] in only)]
     rows += [Candidate(p["name"], file_stem(p["name"]), p["members"], p) for p in metrics["ensemble_prefixes"]]
-    if only is not None:
-        names = [c.name for c in rows] + [r["name"] for r in metrics["models"]]
-        chosen = [c for c in rows if c.name == only or c.file_stem == only]
-        if not chosen:
+    if not only:
+        return rows
+    names = [c.name for c in rows] + [r["name"] for r in metrics["models"]]
+    chosen = []
+    for wanted in dict.fromkeys(only):
+        match = [c for c in rows if wanted in (c.name, c.file_stem)]
+        if not match:
             from edgepkd.registry import closest
 
-            raise RunError(f"--model {only}: not a model of {run.path}{closest(only, names)} "
+            raise RunError(f"--model {wanted}: not a model of {run.path}{closest(wanted, names)} "
                            f"(models: {', '.join(dict.fromkeys(names))})")
-        return chosen
-    return rows
+        chosen += [c for c in match if c not in chosen]
+    return chosen
 
 
 def sha256(path: Path) -> str:
@@ -95,14 +99,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_run(run_path: str, target: ExportTarget, *, model: str | None = None, do_verify: bool = True,
-               data_dir: str | None = None, log=print, keep_going: bool = False,
-               refused: list[str] | None = None) -> list[dict]:
-    """Export, verify and describe the models of a run for one target; returns the manifest entries written.
+def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None = None, do_verify: bool = True,
+               data_dir: str | None = None, log=print, refused: list[str] | None = None) -> list[dict]:
+    """Export, verify and describe the models of a run (every student and prefix, or ``models``) for one target;
+    returns the manifest entries written.
 
-    ``keep_going``: a model that fails verification is logged and skipped (nothing written for it) instead of
-    stopping the export (its name is appended to ``refused``); ``edgepkd export --keep-going`` and
-    ``edgepkd distill --device`` use it so that the models that pass are written."""
+    With a ``refused`` list, a model that fails verification is logged, skipped (nothing written for it) and
+    its name appended, instead of stopping the export: ``edgepkd export --keep-going`` and ``edgepkd distill
+    --device`` use it so that the models that pass are written."""
     from edgepkd.data import load_dataset
     from edgepkd.models import export_mode, load_model
     from edgepkd.recipe import load_recipe
@@ -113,7 +117,7 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
     require_runtime(target)
     exporter = importlib.import_module(EXPORTERS[target.format])
     metrics = load_metrics(run.path)
-    chosen = candidates(run, metrics, model)
+    chosen = candidates(run, metrics, models)
     loaded: dict[str, nn.Module] = {}
     for c in chosen:
         for m in c.members:
@@ -169,11 +173,10 @@ def export_run(run_path: str, target: ExportTarget, *, model: str | None = None,
         except BaseException:
             _cleanup(tmp)
             raise
-        if result is not None and not result.passed and keep_going:
+        if result is not None and not result.passed and refused is not None:
             _cleanup(tmp)
             log(f"  {c.file_stem + target.suffix:<24} skipped: failed verification ({'; '.join(result.failures)})")
-            if refused is not None:
-                refused.append(c.name)
+            refused.append(c.name)
             continue
         if result is not None and not result.passed:
             _cleanup(tmp)

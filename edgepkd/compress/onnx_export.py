@@ -29,7 +29,9 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: Ex
                               verbose=False)
         onnx.checker.check_model(str(fp32), full_check=True)
         excluded = _slim(fp32, target.quantization.exclude_modules)
-        if target.precision == "int8":
+        if target.quantization.method == "weights":
+            _int8_weights(fp32, path, target.quantization.min_elements, target.quantization.per_channel)
+        elif target.precision == "int8":
             _quantize(fp32, path, target, calibration, excluded)
         set_metadata(path, metadata)
         onnx.checker.check_model(str(path))
@@ -64,7 +66,7 @@ def _slim(path: Path, exclude_modules: list[str]) -> list[str]:
         if module and any(fnmatch.fnmatch(module, pattern) for pattern in exclude_modules):
             excluded.append(node.name)
         del node.metadata_props[:]
-        node.doc_string = ""
+        node.ClearField("doc_string")
     onnx.save(model, str(path))
     return excluded
 
@@ -108,6 +110,40 @@ def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded:
         pre.unlink(missing_ok=True)
 
 
+def _int8_weights(src: Path, dst: Path, min_elements: int, per_channel: bool) -> None:
+    """int8 weight storage (method 'weights', see compress/weights.py): each float initializer with at least
+    ``min_elements`` values becomes int8 + scale, and the graph computes it back with Cast and Mul. onnxruntime
+    folds those at session load (its constant folding skips DequantizeLinear, so that op would run every
+    inference), leaving the fp32 compute graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepkd.compress import weights
+
+    model = onnx.load(str(src))
+    g = model.graph
+    used = {name for n in g.node for name in n.input}
+    kept, decode = [], []
+    for t in g.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype != np.float32 or a.size < min_elements or t.name not in used:
+            kept.append(t)
+            continue
+        axis = weights.best_axis(a) if per_channel else None
+        q, scale = weights.quantize(a, axis)                               # int8 like a, (C,) or ()
+        if axis is not None:
+            scale = scale.reshape([-1 if d == axis else 1 for d in range(a.ndim)])  # broadcasts against a
+        kept += [numpy_helper.from_array(q, t.name + "/q"), numpy_helper.from_array(scale, t.name + "/scale")]
+        decode += [helper.make_node("Cast", [t.name + "/q"], [t.name + "/f"], to=TensorProto.FLOAT),
+                   helper.make_node("Mul", [t.name + "/f", t.name + "/scale"], [t.name])]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    nodes = decode + list(g.node)                                          # decoders first: topological order
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(model, str(dst))
+
+
 def _compact(model) -> None:
     """Short names for every intermediate tensor and initializer ('a0', 'a1', ...; the graph's 'input' and 'logits'
     stay), no node names, no value_info (shape annotations onnxruntime re-infers). The exporter's and the
@@ -131,8 +167,13 @@ def _compact(model) -> None:
     for n in g.node:
         n.input[:] = [rename(x) for x in n.input]
         n.output[:] = [rename(x) for x in n.output]
-        n.name = ""
+        n.ClearField("name")  # proto2: an empty string is still written; a cleared field is not
+        if not n.domain:
+            n.ClearField("domain")
     del g.value_info[:]
+    del g.metadata_props[:]  # the exporter's graph signature: parameter names that no longer exist after renaming
+    for v in list(g.input) + list(g.output):
+        del v.metadata_props[:]
 
 
 def set_metadata(path: Path, metadata: dict) -> None:

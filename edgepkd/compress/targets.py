@@ -19,12 +19,14 @@ BUILTIN_DIR = Path(__file__).resolve().parents[2] / "export"
 # format -> (pip extra, modules it needs)
 FORMAT_NEEDS = {"onnx": ["onnx", "onnxscript", "onnxruntime"], "tflite": ["litert_torch", "ai_edge_litert"],
                 "torch": ["torchao"]}
-METHODS = {"onnx": ("none", "ort_static", "ort_dynamic"), "tflite": ("none", "pt2e"), "torch": ("none", "torchao")}
+METHODS = {"onnx": ("none", "ort_static", "ort_dynamic", "weights"), "tflite": ("none", "pt2e", "weights"),
+           "torch": ("none", "torchao")}
 
 
 @dataclass
 class QuantConfig:
-    method: Literal["none", "ort_static", "ort_dynamic", "pt2e", "torchao"] = "none"
+    method: Literal["none", "ort_static", "ort_dynamic", "pt2e", "torchao", "weights"] = "none"  # weights: int8
+                                                   # storage of every float constant, float compute (weights.py)
     op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])  # ort_*: ops to quantize
     per_channel: bool = True
     calibration_images: int = 256                       # training images run through the model to calibrate
@@ -35,10 +37,12 @@ class QuantConfig:
                                                           # int8 weights with activations quantized at run time
     config: Literal["int8_dynamic_activation_int8_weight", "int8_weight_only"] = \
         "int8_dynamic_activation_int8_weight"            # torchao
+    min_elements: int = 64                               # weights: smaller constants (norms, biases) stay float
 
     def __post_init__(self):
         check(self.calibration_images >= 1, "calibration_images", "must be at least 1")
         check(bool(self.op_types), "op_types", "must name at least one ONNX op type")
+        check(self.min_elements >= 1, "min_elements", "must be at least 1")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def _export(model, example, path: Path, target: ExportTarget, calibration) -> No
 
     litert_torch.config.show_progress = False
     model = model.eval()
-    if target.precision == "int8":
+    if target.quantization.method == "pt2e":
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -91,6 +91,66 @@ def _export(model, example, path: Path, target: ExportTarget, calibration) -> No
     else:
         edge = litert_torch.convert(model, (example,))
     edge.export(str(path))
+    if target.quantization.method == "weights":
+        _int8_weights(path, target.quantization.min_elements, target.quantization.per_channel)
+
+
+def _int8_weights(path: Path, min_elements: int, per_channel: bool) -> None:
+    """int8 weight storage (method 'weights', see compress/weights.py): each float constant with at least
+    ``min_elements`` values becomes an int8 tensor (symmetric, per channel) feeding a DEQUANTIZE
+    op whose output is the tensor the graph used before. DEQUANTIZE of a constant runs once, when the
+    interpreter prepares the graph (XNNPACK unpacks it at delegation), so inference runs the fp32 graph."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edgepkd.compress import weights
+
+    ops = schema.BuiltinOperator
+    model = flatbuffer_utils.read_model(str(path))
+    codes = model.operatorCodes
+    dequantize = next((i for i, c in enumerate(codes) if max(c.builtinCode, c.deprecatedBuiltinCode) ==
+                       ops.DEQUANTIZE), None)
+    if dequantize is None:
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = ops.DEQUANTIZE, ops.DEQUANTIZE, 2  # v2: int8
+        codes.append(code)
+        dequantize = len(codes) - 1
+    owners: dict[int, int] = {}
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            owners[t.buffer] = owners.get(t.buffer, 0) + 1
+    for sub in model.subgraphs:
+        used = {t for op in sub.operators for t in op.inputs}
+        decode = []
+        for index, tensor in enumerate(list(sub.tensors)):
+            data = model.buffers[tensor.buffer].data
+            if tensor.type != schema.TensorType.FLOAT32 or data is None or index not in used:
+                continue
+            a = np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=np.float32).reshape(tensor.shape)
+            if a.size < min_elements:
+                continue
+            axis = weights.best_axis(a) if per_channel else None
+            q, scale = weights.quantize(a, axis)                           # int8 like a, (C,) or ()
+            stored = schema.BufferT()
+            stored.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
+            model.buffers.append(stored)
+            qt = schema.TensorT()
+            qt.shape, qt.type, qt.buffer = list(tensor.shape), schema.TensorType.INT8, len(model.buffers) - 1
+            qt.name = f"q{index}"                                        # renamed by set_metadata
+            qt.quantization = schema.QuantizationParametersT()
+            qt.quantization.scale = [float(s) for s in np.atleast_1d(scale)]
+            qt.quantization.zeroPoint = [0] * len(qt.quantization.scale)
+            qt.quantization.quantizedDimension = axis or 0
+            sub.tensors.append(qt)
+            owners[tensor.buffer] -= 1
+            if not owners[tensor.buffer]:
+                model.buffers[tensor.buffer].data = None                    # nobody else reads the float copy
+            tensor.buffer = 0                                              # buffer 0: the empty sentinel
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = dequantize, [len(sub.tensors) - 1], [index]
+            decode.append(op)
+        sub.operators = decode + list(sub.operators)                       # decoders first: topological order
+    flatbuffer_utils.write_model(model, str(path))
 
 
 def set_metadata(path: Path, metadata: dict) -> None:

@@ -298,5 +298,5 @@ def deploy(run_path: str, profile: DeviceProfile, *, data_dir: str | None = None
               [t for _, t in targets.items() if t.format == profile.format and t.precision in profile.precisions])
     for target in chosen:
         log(f"{target.name}: exporting {run_path} for device '{profile.name}'")
-        export_run(run_path, target, data_dir=data_dir, log=log, keep_going=True)
+        export_run(run_path, target, data_dir=data_dir, log=log, refused=[])
     return pick(run_path, profile, options=options or BenchOptions(data_dir=data_dir), log=log)
