@@ -14,12 +14,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from edgepkd.errors import RunError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: `edgepkd bench` / `pick` read runs without it
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -70,6 +72,8 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     tensors, scalars = {}, {}
     for pid, pstate in state["state"].items():
         for key, value in pstate.items():

@@ -1,6 +1,8 @@
 """Device profiles: every shipped profile loads, malformed ones fail with one line naming the key path, and the
 microcontroller's calibrated throughput is the published MLPerf Tiny figure over edgepkd's own MAC count."""
 
+import sys
+
 import pytest
 import yaml
 
@@ -92,3 +94,13 @@ def test_builtin_profiles_have_published_or_assumed_comments():
         for key in ("latency_ms", "ram_mib", "storage_mib"):
             line = next(line for line in text.splitlines() if line.strip().startswith(key + ":"))
             assert "assumption" in line, f"{name}.yaml: {line.strip()} is not marked as an assumption"
+
+
+def test_bench_and_pick_modules_import_without_torch():
+    """`edgepkd bench` / `pick` on an estimated device read runs and manifests only: torch stays unloaded."""
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None; "
+            "import edgepkd.cli, edgepkd.measure.bench, edgepkd.measure.pick, edgepkd.rundir")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
