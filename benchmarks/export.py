@@ -2,7 +2,7 @@
 interpreter (1 thread, batch 1, 50 warm-up runs then at least 200 timed runs, median), accuracy delta.
 
     python benchmarks/export.py runs/digits [runs/mnist ...]   # writes benchmarks/results/export-<run>.md/.json
-    python benchmarks/export.py runs/mnist --students-only     # the chain students only (not the prefixes)
+    python benchmarks/export.py runs/mnist --students-only --data-dir ../shared/data   # chain students only
 
 Artifacts are exported (and verified, with tolerances opened so every number is reported) into
 RUN/export/bench-<target>/. Goal (issue #3): int8 files <= 0.3x fp32, int8 not slower, accuracy drop <= 0.5.
@@ -60,7 +60,7 @@ def latency_ms(runner, shape, warmup=50, runs=200, min_seconds=1.0) -> float:
     return 1e3 * statistics.median(times)
 
 
-def bench_run(run: Path, students_only: bool = False) -> dict:
+def bench_run(run: Path, students_only: bool = False, data_dir: str | None = None) -> dict:
     targets = load_targets()
     entries = {}
     metrics = json.loads((run / "metrics.json").read_text())
@@ -69,7 +69,8 @@ def bench_run(run: Path, students_only: bool = False) -> dict:
         t = dataclasses.replace(targets.get(name), name=f"bench-{name}")
         t.verify = VerifyConfig(max_abs_diff=1e9, max_accuracy_drop=100.0)  # report, do not gate
         print(f"exporting {run.name} for {name}", file=sys.stderr)
-        entries[name] = {e["model"]: e for e in export_run(str(run), t, models=models, log=lambda *a: None)}
+        entries[name] = {e["model"]: e for e in export_run(str(run), t, models=models, data_dir=data_dir,
+                                                                      log=lambda *a: None)}
     rows = []
     for fp32, int8 in PAIRS:
         fmt = targets.get(fp32).format
@@ -116,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
     ap.add_argument("--students-only", action="store_true", help="the chain students, not the ensemble prefixes")
     args = ap.parse_args()
     import ai_edge_litert
@@ -126,7 +128,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for run in map(Path, args.runs):
-        result = bench_run(run, args.students_only)
+        result = bench_run(run, args.students_only, args.data_dir)
         command = f"python benchmarks/export.py {run}" + (" --students-only" if args.students_only else "")
         (out / f"export-{run.name}.json").write_text(json.dumps({"environment": env, "command": command, **result},
                                                                 indent=2) + "\n")
