@@ -129,7 +129,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for run in map(Path, args.runs):
         result = bench_run(run, args.students_only, args.data_dir)
-        command = f"python benchmarks/export.py {run}" + (" --students-only" if args.students_only else "")
+        command = f"python benchmarks/export.py {run}" + (" --students-only" if args.students_only else "") + \
+            (f" --data-dir {args.data_dir}" if args.data_dir else "")
         (out / f"export-{run.name}.json").write_text(json.dumps({"environment": env, "command": command, **result},
                                                                 indent=2) + "\n")
         (out / f"export-{run.name}.md").write_text(render(result, env, command))

@@ -12,33 +12,39 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from edgepkd.compress.targets import ExportTarget
+from edgepkd.compress.targets import ExportTarget, QuantConfig
 from edgepkd.errors import EdgepkdError
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
            calibration: Callable[[], Iterable[np.ndarray]], metadata: dict) -> None:
-    """Write ``model`` to ``path`` for ``target`` (fp32, or int8 quantized from the fp32 graph)."""
+    """Write ``model`` to ``path`` for ``target``: export, check, slim; then quantize (from the fp32 graph), compact
+    the names, embed the metadata, check again and save."""
     import onnx
 
-    fp32 = path.with_name(path.stem + ".fp32-tmp.onnx") if target.precision == "int8" else path
+    quant = target.quantization
+    fp32 = path.with_name(path.stem + ".fp32-tmp.onnx")
     try:
         with torch.no_grad():
             torch.onnx.export(model, (example,), str(fp32), dynamo=True, opset_version=target.opset,
                               input_names=["input"], output_names=["logits"], external_data=False,
                               verbose=False)
         onnx.checker.check_model(str(fp32), full_check=True)
-        excluded = _slim(fp32, target.quantization.exclude_modules)
-        if target.quantization.method == "weights":
-            _int8_weights(fp32, path, target.quantization.min_elements, target.quantization.per_channel)
-        elif target.precision == "int8":
+        graph = onnx.load(str(fp32))
+        excluded = _slim(graph, quant)
+        if quant.method in ("ort_static", "ort_dynamic"):  # onnxruntime's quantizers work on files
+            onnx.save(graph, str(fp32))
             _quantize(fp32, path, target, calibration, excluded)
-        set_metadata(path, metadata)
-        onnx.checker.check_model(str(path))
+            graph = onnx.load(str(path))
+        elif quant.method == "weights":
+            _int8_weights(graph, quant.min_elements, quant.per_channel)
+        _compact(graph)
+        _set_metadata(graph, metadata)
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(path))
     finally:
-        if fp32 != path:
-            fp32.unlink(missing_ok=True)
-            Path(str(fp32) + ".data").unlink(missing_ok=True)
+        fp32.unlink(missing_ok=True)
+        Path(str(fp32) + ".data").unlink(missing_ok=True)
 
 
 def _module_path(node) -> str:
@@ -52,22 +58,15 @@ def _module_path(node) -> str:
     return ""
 
 
-def _slim(path: Path, exclude_modules: list[str]) -> list[str]:
+def _slim(model, quant: QuantConfig) -> list[str]:
     """Drop the exporter's per-node debug metadata (stack traces, FX nodes: most of a small model's bytes) and
-    return the names of nodes whose module matches ``exclude_modules`` (kept in float when quantizing)."""
-    import fnmatch
-
-    import onnx
-
-    model = onnx.load(str(path))
+    return the names of nodes whose module ``quant`` excludes (kept in float when quantizing)."""
     excluded = []
     for node in model.graph.node:
-        module = _module_path(node)
-        if module and any(fnmatch.fnmatch(module, pattern) for pattern in exclude_modules):
+        if quant.excludes(_module_path(node)):
             excluded.append(node.name)
         del node.metadata_props[:]
         node.ClearField("doc_string")
-    onnx.save(model, str(path))
     return excluded
 
 
@@ -110,17 +109,15 @@ def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded:
         pre.unlink(missing_ok=True)
 
 
-def _int8_weights(src: Path, dst: Path, min_elements: int, per_channel: bool) -> None:
+def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
     """int8 weight storage (method 'weights', see compress/weights.py): each float initializer with at least
     ``min_elements`` values becomes int8 + scale, and the graph computes it back with Cast and Mul. onnxruntime
     folds those at session load (its constant folding skips DequantizeLinear, so that op would run every
     inference), leaving the fp32 compute graph."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from edgepkd.compress import weights
 
-    model = onnx.load(str(src))
     g = model.graph
     used = {name for n in g.node for name in n.input}
     kept, decode = [], []
@@ -141,7 +138,6 @@ def _int8_weights(src: Path, dst: Path, min_elements: int, per_channel: bool) ->
     nodes = decode + list(g.node)                                          # decoders first: topological order
     del g.node[:]
     g.node.extend(nodes)
-    onnx.save(model, str(dst))
 
 
 def _compact(model) -> None:
@@ -176,18 +172,12 @@ def _compact(model) -> None:
         del v.metadata_props[:]
 
 
-def set_metadata(path: Path, metadata: dict) -> None:
-    """Store each top-level key of ``metadata`` as a JSON string in the model's ``metadata_props`` (and compact the
-    graph's names: see ``_compact``)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    _compact(model)
+def _set_metadata(model, metadata: dict) -> None:
+    """Store each top-level key of ``metadata`` as a JSON string in the model's ``metadata_props``."""
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    onnx.save(model, str(path))
 
 
 def read_metadata(path: Path) -> dict:

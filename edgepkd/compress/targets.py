@@ -7,6 +7,7 @@ settings, and the verification tolerances.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,10 @@ class QuantConfig:
         check(self.calibration_images >= 1, "calibration_images", "must be at least 1")
         check(bool(self.op_types), "op_types", "must name at least one ONNX op type")
         check(self.min_elements >= 1, "min_elements", "must be at least 1")
+
+    def excludes(self, module: str) -> bool:
+        """Whether the module at path ``module`` ('blocks.0.mixer.fwd.x_proj') stays float (``exclude_modules``)."""
+        return bool(module) and any(fnmatch.fnmatch(module, pattern) for pattern in self.exclude_modules)
 
 
 @dataclass

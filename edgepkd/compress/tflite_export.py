@@ -11,8 +11,6 @@ entry 'edgepkd' (JSON), readable with ai_edge_litert alone.
 
 from __future__ import annotations
 
-import fnmatch
-
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -36,22 +34,20 @@ def _quantizer(target: ExportTarget):
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.pt2e_quantizer_utils import OP_TO_ANNOTATOR
 
-    ops = list(target.quantization.modules)
-    excluded = list(target.quantization.exclude_modules)
+    quant = target.quantization
 
     class LinearConvQuantizer(PT2EQuantizer):
         def annotate(self, gm):
-            for op in ops:
+            for op in quant.modules:
                 OP_TO_ANNOTATOR[op](gm, self.global_config, None)
-            if excluded:  # drop the annotations of nodes inside excluded modules: they stay float
-                for node in gm.graph.nodes:
-                    if _module_path(node) and any(fnmatch.fnmatch(_module_path(node), p) for p in excluded):
-                        node.meta.pop("quantization_annotation", None)
+            for node in gm.graph.nodes:  # nodes inside excluded modules lose their annotation: they stay float
+                if quant.excludes(_module_path(node)):
+                    node.meta.pop("quantization_annotation", None)
             return gm
 
     q = LinearConvQuantizer()
-    q.set_global(get_symmetric_quantization_config(is_per_channel=target.quantization.per_channel,
-                                                   is_dynamic=target.quantization.activations == "dynamic"))
+    q.set_global(get_symmetric_quantization_config(is_per_channel=quant.per_channel,
+                                                   is_dynamic=quant.activations == "dynamic"))
     return q
 
 
@@ -65,9 +61,18 @@ def _module_path(node) -> str:
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
            calibration: Callable[[], Iterable[np.ndarray]], metadata: dict) -> None:
+    """Write ``model`` to ``path`` for ``target``: convert (quantized with PT2E for method pt2e), then edit the
+    flatbuffer once: int8 weight storage (method weights), short tensor names, the metadata entry."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
     with quiet_native():
         _export(model, example, path, target, calibration)
-    set_metadata(path, metadata)
+    flat = flatbuffer_utils.read_model(str(path))
+    if target.quantization.method == "weights":
+        _int8_weights(flat, target.quantization.min_elements, target.quantization.per_channel)
+    _short_tensor_names(flat)
+    _set_metadata(flat, metadata)
+    flatbuffer_utils.write_model(flat, str(path))
 
 
 def _export(model, example, path: Path, target: ExportTarget, calibration) -> None:
@@ -91,22 +96,18 @@ def _export(model, example, path: Path, target: ExportTarget, calibration) -> No
     else:
         edge = litert_torch.convert(model, (example,))
     edge.export(str(path))
-    if target.quantization.method == "weights":
-        _int8_weights(path, target.quantization.min_elements, target.quantization.per_channel)
 
 
-def _int8_weights(path: Path, min_elements: int, per_channel: bool) -> None:
+def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
     """int8 weight storage (method 'weights', see compress/weights.py): each float constant with at least
     ``min_elements`` values becomes an int8 tensor (symmetric, per channel) feeding a DEQUANTIZE
     op whose output is the tensor the graph used before. DEQUANTIZE of a constant runs once, when the
     interpreter prepares the graph (XNNPACK unpacks it at delegation), so inference runs the fp32 graph."""
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
     from edgepkd.compress import weights
 
     ops = schema.BuiltinOperator
-    model = flatbuffer_utils.read_model(str(path))
     codes = model.operatorCodes
     dequantize = next((i for i, c in enumerate(codes) if max(c.builtinCode, c.deprecatedBuiltinCode) ==
                        ops.DEQUANTIZE), None)
@@ -136,7 +137,7 @@ def _int8_weights(path: Path, min_elements: int, per_channel: bool) -> None:
             model.buffers.append(stored)
             qt = schema.TensorT()
             qt.shape, qt.type, qt.buffer = list(tensor.shape), schema.TensorType.INT8, len(model.buffers) - 1
-            qt.name = f"q{index}"                                        # renamed by set_metadata
+            qt.name = f"q{index}"                                        # renamed by _short_tensor_names
             qt.quantization = schema.QuantizationParametersT()
             qt.quantization.scale = [float(s) for s in np.atleast_1d(scale)]
             qt.quantization.zeroPoint = [0] * len(qt.quantization.scale)
@@ -150,15 +151,12 @@ def _int8_weights(path: Path, min_elements: int, per_channel: bool) -> None:
             op.opcodeIndex, op.inputs, op.outputs = dequantize, [len(sub.tensors) - 1], [index]
             decode.append(op)
         sub.operators = decode + list(sub.operators)                       # decoders first: topological order
-    flatbuffer_utils.write_model(model, str(path))
 
 
-def set_metadata(path: Path, metadata: dict) -> None:
+def _set_metadata(model, metadata: dict) -> None:
+    """A flatbuffer metadata entry 'edgepkd' holding ``metadata`` as JSON (replacing an earlier one)."""
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(str(path))
-    _short_tensor_names(model)
     model.metadata = [m for m in (model.metadata or []) if m.name not in (METADATA_KEY, METADATA_KEY.encode())]
     buf = schema.BufferT()
     buf.data = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
@@ -166,7 +164,6 @@ def set_metadata(path: Path, metadata: dict) -> None:
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_KEY, len(model.buffers) - 1
     model.metadata.append(entry)
-    flatbuffer_utils.write_model(model, str(path))
 
 
 def _short_tensor_names(model) -> None:
