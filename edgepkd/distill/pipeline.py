@@ -14,13 +14,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import torch
 import torch.nn as nn
 
 import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.data import Dataset
-from edgepkd.distill.trainer import (DistContext, Logits, Reporter, StageTargets, accuracy, eval_mode, fit,
+from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, eval_mode, fit,
                                      init_seeded, predict, predict_sharded, stage_seed)
 from edgepkd.errors import ConfigError
 from edgepkd.measure.flops import FlopReport, count_flops
@@ -134,12 +136,27 @@ def _weights_meta(member: Member, recipe: Recipe, data: Dataset) -> dict:
             "params": member.flops.params}
 
 
-def _logit_source(models: list[nn.Module], data: Dataset, cache: bool, dist: DistContext) -> Logits:
-    """Frozen logits of ``models`` (summed): cached over the training set once when allowed (under DDP each
-    rank computes its block of rows and they are gathered: the set is computed once, not once per rank)."""
-    fn = eval_mode(models)
-    table = predict_sharded(fn, data, data.train.x, dist) if cache else None  # (N_train, K)
-    return lambda idx, x: table[idx].to(x.device) if table is not None and idx is not None else fn(x)
+class _LogitSource:
+    """Frozen logits of a sum of models: a table over the training set, computed once when caching is allowed
+    (under DDP each rank computes its block of rows and they are gathered), else the models run on each batch.
+    ``plus`` adds one more model reusing the table, so an ensemble's k-th member costs one pass, not k."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], table: torch.Tensor | None):
+        self.fn, self.table = fn, table                                     # table: (N_train, K) or None
+
+    @classmethod
+    def of(cls, models: list[nn.Module], data: Dataset, cache: bool, dist: DistContext) -> "_LogitSource":
+        fn = eval_mode(models)
+        return cls(fn, predict_sharded(fn, data, data.train.x, dist) if cache else None)
+
+    def plus(self, model: nn.Module, data: Dataset, dist: DistContext) -> "_LogitSource":
+        """Sum of these logits and ``model``'s, added in the order ``eval_mode`` adds them (bit-identical)."""
+        one = _LogitSource.of([model], data, self.table is not None, dist)
+        table = self.table + one.table if self.table is not None else None
+        return _LogitSource(lambda x: self.fn(x) + one.fn(x), table)
+
+    def __call__(self, idx: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return self.table[idx].to(x.device) if self.table is not None and idx is not None else self.fn(x)
 
 
 class Distiller:
@@ -211,7 +228,7 @@ class Distiller:
         for i, b in enumerate(self.recipe.baselines):
             members.append(self._stage(baseline_stage(self.recipe, i), "baseline", b.arch, dict(b.args),
                                        StageTargets(alpha=1.0), b.train))
-        teacher_src = _logit_source([teacher.model], self.data, self.cache, self.dist)
+        teacher_src = _LogitSource.of([teacher.model], self.data, self.cache, self.dist)
         if "chain" in d.strategies:
             src = teacher_src
             for i, spec in enumerate(specs):
@@ -219,18 +236,19 @@ class Distiller:
                                 StageTargets(soft=src, temperature=d.temperature, alpha=d.alpha), train[i])
                 members.append(m)
                 if d.chain_source == "previous" and i + 1 < len(specs):
-                    src = _logit_source([m.model], self.data, self.cache, self.dist)
+                    src = _LogitSource.of([m.model], self.data, self.cache, self.dist)
         if "ensemble" in d.strategies:
             order = list(zip(specs, train))
             order = order if d.ensemble_order == "descending" else order[::-1]
-            done: list[nn.Module] = []
+            base: _LogitSource | None = None                                # the frozen ensemble so far
             for k, (spec, train_cfg) in enumerate(order):
-                base = _logit_source(done, self.data, self.cache, self.dist) if done else None
                 m = self._stage(f"ensemble/e{k + 1}", "ensemble", "mamba", spec,
                                 StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
                                              alpha=d.alpha, hard_weight=d.ensemble_hard_weight), train_cfg)
                 members.append(m)
-                done.append(m.model)
+                if k + 1 < len(order):
+                    base = (base.plus(m.model, self.data, self.dist) if base is not None else
+                            _LogitSource.of([m.model], self.data, self.cache, self.dist))
         return members
 
 
