@@ -26,6 +26,24 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `edgepkd bench
 FORMAT_VERSION = 1
 
 
+def read_json(path: Path, keys: tuple[str, ...], what: str, fix: str, default: dict | None = None) -> dict:
+    """A JSON object edgepkd wrote, holding ``keys``; ``default`` when the file is absent (when given), else a
+    one-line RunError naming the file, ``what`` it should be and the ``fix``."""
+    path = Path(path)
+    if not path.exists():
+        if default is not None:
+            return default
+        raise RunError(f"{path} is missing; {fix}")
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            raise KeyError
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise RunError(f"{path}: not {what} edgepkd wrote (invalid JSON or missing {', '.join(keys)}); {fix}") \
+            from None
+    return data
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

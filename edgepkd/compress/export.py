@@ -15,7 +15,6 @@ import datetime as dt
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import edgepkd
 from edgepkd.compress.targets import FORMAT_NEEDS, ExportTarget
 from edgepkd.compress.verify import Verification, verify
 from edgepkd.errors import EdgepkdError, RunError
-from edgepkd.rundir import RunDir, atomic_write_json
+from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
              "torch": "edgepkd.compress.torch_export"}
@@ -142,12 +141,8 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     out_dir = run.path / "export" / target.name
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"artifacts": []}
-        previous = list(manifest["artifacts"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise RunError(f"{manifest_path}: not a manifest edgepkd wrote (invalid JSON); move it away and "
-                       "export again") from None
+    previous = list(read_json(manifest_path, ("artifacts",), "a manifest", "move it away and export again",
+                              default={"artifacts": []})["artifacts"])
     entries = []
     for c in chosen:
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded

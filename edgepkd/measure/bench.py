@@ -35,7 +35,7 @@ import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.errors import ConfigError, EdgepkdError, RunError
 from edgepkd.measure.devices import MIB, DeviceProfile
-from edgepkd.rundir import atomic_write_bytes, atomic_write_json
+from edgepkd.rundir import atomic_write_bytes, atomic_write_json, read_json
 
 RUNNER = Path(__file__).with_name("runner.py")
 
@@ -92,11 +92,7 @@ def now() -> str:
 
 # ---------------------------------------------------------------------------------------- finding artifacts
 def _manifest(folder: Path) -> list[dict]:
-    path = folder / "manifest.json"
-    try:
-        return json.loads(path.read_text())["artifacts"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise RunError(f"{path}: not a manifest edgepkd wrote (invalid JSON); export again") from None
+    return read_json(folder / "manifest.json", ("artifacts",), "a manifest", "export again")["artifacts"]
 
 
 def _run_of(folder: Path) -> Path | None:
@@ -188,14 +184,8 @@ class BenchStore:
         self.path = run / "bench" / f"{profile.name}.json"
         self.profile = profile
         self.settings = _settings(profile, opts)
-        self.data = {"device": profile.name, "results": {}, "errors": {}}
-        if self.path.exists():
-            try:
-                self.data = json.loads(self.path.read_text())
-                self.data["results"], self.data["errors"]  # noqa: B018  (both must be there)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise RunError(f"{self.path}: not a bench file edgepkd wrote (invalid JSON); move it away and "
-                               "bench again") from None
+        self.data = read_json(self.path, ("results", "errors"), "a bench file", "move it away and bench again",
+                              default={"device": profile.name, "results": {}, "errors": {}})
 
     def current(self, a: Artifact) -> tuple[dict | None, str | None]:
         """(result, error) recorded for ``a`` with the same file contents and device settings, else (None, None)."""

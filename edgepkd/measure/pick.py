@@ -21,7 +21,7 @@ from edgepkd.errors import EdgepkdError, RunError
 from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench, format_table, \
     now, ram_bytes, resolve
 from edgepkd.measure.devices import MIB, DeviceProfile
-from edgepkd.rundir import RunDir, atomic_write_json
+from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 
 class NothingFits(EdgepkdError):
@@ -251,16 +251,8 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
 
 def write_selection(run: Path, sel: Selection) -> Path:
     """runs/<run>/selection.json: this device's entry replaced, the other devices' kept."""
-    import json
-
     path = Path(run) / "selection.json"
-    data = {"devices": {}}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            data["devices"]  # noqa: B018
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise RunError(f"{path}: not a selection file edgepkd wrote (invalid JSON); move it away") from None
+    data = read_json(path, ("devices",), "a selection file", "move it away", default={"devices": {}})
     data["devices"][sel.profile.name] = sel.as_dict()
     atomic_write_json(path, data)
     return path
