@@ -308,17 +308,14 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
 def _deploy(run_path: Path, args) -> int:
     """``distill --device``: export the device's targets, bench every candidate there, pick (see cmd_pick)."""
     from edgepkd.measure.bench import BenchOptions
-    from edgepkd.measure.pick import NothingFits, deploy, render, write_selection
+    from edgepkd.measure.pick import deploy, render
 
     profile = _device_profile(args.device, args.devices_dir)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     sel = deploy(str(run_path), profile, data_dir=args.data_dir, log=log,
                  options=BenchOptions(data_dir=args.data_dir))
     print(render(sel), file=sys.stderr if args.json else sys.stdout)
-    if sel.choice is None:
-        raise NothingFits(sel.explanation)
-    log(f"picked {sel.explanation}\nselection: {write_selection(run_path, sel)}")
-    return 0
+    return _settle(sel, run_path, log)
 
 
 def _unseen(run, dist):
@@ -429,28 +426,23 @@ def cmd_export(args) -> int:
 
     targets = load_targets(args.targets_dir)
     if args.list_targets:
+        width = max(len(name) for name, _ in targets.items())
         for name, t in targets.items():
-            print(f"{name:<14} {t.format:<7} {t.precision:<5} {t.description}")
+            print(f"{name:<{width}} {t.format:<7} {t.precision:<5} {t.description}")
         return 0
     if not args.run:
         raise ConfigError("export: give a run directory (e.g. edgepkd export runs/digits --target onnx-fp32)")
     if not args.target:
         raise ConfigError(f"export: give --target NAME (targets: {', '.join(targets.names())})")
     chosen = [targets.get(name) for name in args.target]
-    from edgepkd.compress.export import export_run
+    from edgepkd.compress.export import export_targets
 
     if args.no_verify:
         print("edgepkd: WARNING: --no-verify: the exported files are NOT checked against PyTorch; "
               "the manifest marks them unverified", file=sys.stderr)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    entries, refused = [], []
-    for target in chosen:
-        log(f"{target.name}: exporting {args.run}")
-        skipped: list[str] | None = [] if args.keep_going else None
-        entries += export_run(args.run, target, models=args.model, do_verify=not args.no_verify,
-                              data_dir=args.data_dir, log=log, refused=skipped)
-        log(f"  manifest: {args.run}/export/{target.name}/manifest.json")
-        refused += [f"{target.name}: {name}" for name in skipped or []]
+    entries, refused = export_targets(args.run, chosen, models=args.model, do_verify=not args.no_verify,
+                                      data_dir=args.data_dir, log=log, keep_going=args.keep_going)
     if args.json:
         print(json.dumps(entries, indent=2))
     if refused:
@@ -514,7 +506,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_pick(args) -> int:
-    from edgepkd.measure.pick import NothingFits, pick, render, write_selection
+    from edgepkd.measure.pick import pick, render
 
     profile = _device_profile(args.device, args.devices_dir)
     if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 100:
@@ -528,9 +520,17 @@ def cmd_pick(args) -> int:
         print(json.dumps(sel.as_dict(), indent=2))
     else:
         print(render(sel))
+    return _settle(sel, Path(args.run), log)
+
+
+def _settle(sel, run: Path, log) -> int:
+    """The end of ``pick`` and ``distill --device``: the choice written to selection.json, or NothingFits (exit 1)
+    with the reason."""
+    from edgepkd.measure.pick import NothingFits, write_selection
+
     if sel.choice is None:
         raise NothingFits(sel.explanation)
-    log(f"picked {sel.explanation}\nselection: {write_selection(Path(args.run), sel)}")
+    log(f"picked {sel.explanation}\nselection: {write_selection(run, sel)}")
     return 0
 
 

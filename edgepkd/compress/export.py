@@ -190,6 +190,22 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     return entries
 
 
+def export_targets(run_path: str, targets: list[ExportTarget], *, models: list[str] | None = None,
+                   do_verify: bool = True, data_dir: str | None = None, log=print,
+                   keep_going: bool = False) -> tuple[list[dict], list[str]]:
+    """``export_run`` for each target in turn (``edgepkd export``, ``distill --device``); returns the entries
+    written and, with ``keep_going``, the models refused by verification as 'target: model'."""
+    entries, refused = [], []
+    for target in targets:
+        log(f"{target.name}: exporting {run_path}")
+        skipped: list[str] | None = [] if keep_going else None
+        entries += export_run(run_path, target, models=models, do_verify=do_verify, data_dir=data_dir, log=log,
+                              refused=skipped)
+        log(f"  manifest: {run_path}/export/{target.name}/manifest.json")
+        refused += [f"{target.name}: {name}" for name in skipped or []]
+    return entries, refused
+
+
 def _cleanup(tmp: Path) -> None:
     for p in (tmp, Path(str(tmp) + ".data")):
         p.unlink(missing_ok=True)

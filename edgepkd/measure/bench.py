@@ -58,10 +58,12 @@ class BenchOptions:
     min_seconds: float = 1.0
     max_seconds: float = 150.0
 
-    def runner_args(self, threads: int) -> list[str]:
-        return ["--threads", str(threads), "--warmup-runs", str(self.warmup_runs),
+    def runner_args(self, profile: DeviceProfile, images: str | None) -> list[str]:
+        """runner.py's options for ``profile`` (threads: ours, else the profile's), reading test ``images``."""
+        return ["--threads", str(self.threads or profile.threads), "--warmup-runs", str(self.warmup_runs),
                 "--warmup-seconds", repr(self.warmup_seconds), "--min-runs", str(self.min_runs),
-                "--min-seconds", repr(self.min_seconds), "--max-seconds", repr(self.max_seconds)]
+                "--min-seconds", repr(self.min_seconds), "--max-seconds", repr(self.max_seconds)] + \
+            (["--images", images] if images is not None else [])
 
 
 @dataclass
@@ -330,9 +332,8 @@ def _last_line(text: str) -> str:
 
 def _measure_local(arts: list[Artifact], profile, opts: BenchOptions, images: Path | None, handle) -> None:
     python = device_python(profile, opts)
-    cmd = [python, str(RUNNER), *[str(a.path) for a in arts], *opts.runner_args(opts.threads or profile.threads)]
-    if images is not None:
-        cmd += ["--images", str(images)]
+    cmd = [python, str(RUNNER), *[str(a.path) for a in arts],
+           *opts.runner_args(profile, str(images) if images is not None else None)]
     code, err = _stream(cmd, handle, f"device '{profile.name}': python", _timeout(len(arts), opts))
     if code not in (0, 2):
         raise DeviceError(f"device '{profile.name}': the runner failed under {python} (exit status {code}): "
@@ -394,9 +395,8 @@ def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path
                 raise DeviceError(f"device '{profile.name}': copying the runner and artifacts to {target}:{remote} "
                                   f"failed ({_last_line(copy.stderr)}); check free space and permissions there")
         python = device_python(profile, opts)
-        args = [python, "runner.py", *[a.key for a in arts], *opts.runner_args(opts.threads or profile.threads)]
-        if images is not None:
-            args += ["--images", "test-images.npz"]
+        args = [python, "runner.py", *[a.key for a in arts],
+                *opts.runner_args(profile, "test-images.npz" if images is not None else None)]
         command = f"cd {shlex.quote(remote)} && " + " ".join(shlex.quote(x) for x in args)
         code, err = _stream([*ssh, command], handle, f"device '{profile.name}'", _timeout(len(arts), opts))
         if code == 255:

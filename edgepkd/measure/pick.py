@@ -282,13 +282,12 @@ def deploy(run_path: str, profile: DeviceProfile, *, data_dir: str | None = None
            options: BenchOptions | None = None) -> Selection:
     """``edgepkd distill RECIPE --device NAME``: export the device's targets (a model failing verification is
     skipped), bench every candidate on the device, pick."""
-    from edgepkd.compress.export import export_run
+    from edgepkd.compress.export import export_targets
     from edgepkd.compress.targets import load_targets
 
     targets = load_targets()
     chosen = ([targets.get(n) for n in profile.export_targets] if profile.export_targets else
               [t for _, t in targets.items() if t.format == profile.format and t.precision in profile.precisions])
-    for target in chosen:
-        log(f"{target.name}: exporting {run_path} for device '{profile.name}'")
-        export_run(run_path, target, data_dir=data_dir, log=log, refused=[])
+    log(f"device '{profile.name}': exporting for {', '.join(t.name for t in chosen)}")
+    export_targets(run_path, chosen, data_dir=data_dir, log=log, keep_going=True)
     return pick(run_path, profile, options=options or BenchOptions(data_dir=data_dir), log=log)
