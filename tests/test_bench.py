@@ -446,9 +446,19 @@ def tflite_runtime_214() -> str:
     return str(python)
 
 
-def test_tflite_runtime_214_venv_matches_the_manifest(run_copy, capsys):
+def test_tflite_runtime_214_venv_matches_the_manifest(run_copy, tmp_path, capsys):
+    """tflite-fp32 and tflite-int8-weights (int8 constants behind DEQUANTIZE) run on tflite-runtime 2.14 with the
+    manifest's top-1; tflite-int8 does not run there."""
     python = tflite_runtime_214()
     folder = run_copy / "export" / "tflite-fp32"
+    loose = tmp_path / "targets"
+    loose.mkdir()
+    target = yaml.safe_load((BUILTIN_DIR / "tflite-int8-weights.yaml").read_text())
+    (loose / "loose-tflite-int8-weights.yaml").write_text(yaml.safe_dump({**target, "name": "loose-tflite-int8-weights",
+                                                  "verify": {"max_accuracy_drop": 100.0}}))
+    assert main(["export", str(run_copy), "--target", "loose-tflite-int8-weights", "--model", "chain/s1",
+                 "--targets-dir", str(loose)]) == 0
+    capsys.readouterr()
     assert main(["bench", str(run_copy), "--device", "host", "--python", python, *FAST]) == 1
     captured = capsys.readouterr()
     err = captured.err
@@ -456,11 +466,12 @@ def test_tflite_runtime_214_venv_matches_the_manifest(run_copy, capsys):
     assert "loose-tflite-int8/chain-s2.tflite cannot run on device 'host'" in err and err.count("\n") == 1
     assert "op version newer than this runtime knows" in err
     stored = json.loads((run_copy / "bench" / "host.json").read_text())
-    assert sorted(stored["results"]) == sorted(f"tflite-fp32/{f}" for f in manifest(run_copy, "tflite-fp32"))
+    assert sorted(stored["results"]) == sorted([f"tflite-fp32/{f}" for f in manifest(run_copy, "tflite-fp32")] +
+                                               ["loose-tflite-int8-weights/chain-s1.tflite"])
     for key, r in stored["results"].items():
         assert (r["runtime"], r["runtime_version"]) == ("tflite_runtime", "2.14.0")
         assert r["host"]["numpy"].startswith("1.")
-        entry = manifest(run_copy, "tflite-fp32")[key.split("/")[1]]
+        entry = manifest(run_copy, key.split("/")[0])[key.split("/")[1]]
         print(key, r["accuracy"]["top1"], entry["verification"]["accuracy"])
         assert r["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"])
     assert folder.is_dir()
