@@ -114,7 +114,8 @@ def render(result: dict, env: dict, command: str) -> str:
         lines.append(f"| {r['model']} | {r['int8']} | {r['fp32_bytes']:,} | {r['fp32_rest_bytes']:,} | "
                      f"{r['int8_bytes']:,} | {r['size_ratio']:.2f} | {r['data_ratio']:.2f} | "
                      f"{r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['latency_ratio']:.2f} | "
-                     f"{r['fp32_repeat_ratio']:.2f} | {r['fp32_acc']:.2f} | {r['int8_acc']:.2f} | {r['acc_delta']:+.2f} |")
+                     f"{r['fp32_repeat_ratio']:.2f} | {r['fp32_acc']:.2f} | {r['int8_acc']:.2f} | "
+                     f"{r['acc_delta']:+.2f} |")
     return "\n".join(lines) + "\n"
 
 

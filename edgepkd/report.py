@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from edgepkd.rundir import atomic_write_bytes, atomic_write_text
@@ -99,4 +98,7 @@ def write_report(run_path: Path, metrics: dict) -> None:
 
 
 def load_metrics(run_path: Path) -> dict:
-    return json.loads((run_path / "metrics.json").read_text())
+    from edgepkd.rundir import read_json
+
+    return read_json(Path(run_path) / "metrics.json", {"models": list, "ensemble_prefixes": list}, "a metrics file",
+                     "run edgepkd evaluate or distill --resume to write it again")

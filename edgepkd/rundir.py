@@ -26,21 +26,23 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `edgepkd bench
 FORMAT_VERSION = 1
 
 
-def read_json(path: Path, keys: tuple[str, ...], what: str, fix: str, default: dict | None = None) -> dict:
-    """A JSON object edgepkd wrote, holding ``keys``; ``default`` when the file is absent (when given), else a
-    one-line RunError naming the file, ``what`` it should be and the ``fix``."""
+def read_json(path: Path, keys: dict[str, type], what: str, fix: str, default: dict | None = None) -> dict:
+    """A JSON object edgepkd wrote, holding ``keys`` with values of the given types; ``default`` when the file is
+    absent (when given). Anything else is a one-line RunError naming the file, ``what`` it should be and the
+    ``fix``."""
     path = Path(path)
-    if not path.exists():
-        if default is not None:
-            return default
-        raise RunError(f"{path} is missing; {fix}")
+    if not path.exists() and default is not None:
+        return default
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            raise KeyError
-    except (OSError, json.JSONDecodeError, KeyError):
-        raise RunError(f"{path}: not {what} edgepkd wrote (invalid JSON or missing {', '.join(keys)}); {fix}") \
-            from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read it ({e.strerror or type(e).__name__}); {fix}") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise RunError(f"{path}: not {what} edgepkd wrote (invalid JSON); {fix}") from None
+    wrong = [k for k, kind in keys.items() if not isinstance(data.get(k), kind)] if isinstance(data, dict) \
+        else list(keys)
+    if wrong:
+        raise RunError(f"{path}: not {what} edgepkd wrote (no valid {', '.join(wrong)}); {fix}")
     return data
 
 
@@ -164,9 +166,8 @@ class RunDir:
                                "(finish it with: edgepkd distill RECIPE --resume)")
 
     def state(self) -> dict:
-        if self.state_path.exists():
-            return json.loads(self.state_path.read_text())
-        return {"format": FORMAT_VERSION, "stages": {}}
+        return read_json(self.state_path, {"stages": dict}, "a run state", "move it away and distill again "
+                         "(finished stages are then trained again)", default={"format": FORMAT_VERSION, "stages": {}})
 
     def finish_stage(self, stage: str, info: dict) -> None:
         state = self.state()

@@ -141,6 +141,9 @@ def test_tflite_int8_weights_dequantizes_constants_only(run_copy):
         assert src.type == schema.TensorType.INT8 and model.buffers[src.buffer].data is not None
         assert dst.type == schema.TensorType.FLOAT32 and model.buffers[dst.buffer].data is None
         assert len(src.quantization.scale) in (1, src.shape[src.quantization.quantizedDimension])
+    (code,) = [c for c in model.operatorCodes if c.builtinCode == schema.BuiltinOperator.DEQUANTIZE]
+    per_channel = any(len(sub.tensors[op.inputs[0]].quantization.scale) > 1 for op in decoders)
+    assert code.version == (5 if per_channel else 2)  # TFLite's op_version: per-channel int8 DEQUANTIZE is v5
     big_float = [t.shape for t in sub.tensors if t.type == schema.TensorType.FLOAT32
                  and model.buffers[t.buffer].data is not None and np.prod(t.shape) >= 64]
     assert not big_float
@@ -310,3 +313,13 @@ def test_malformed_target_file(tmp_path, capsys):
     (folder / "mine.yaml").write_text("name: mine\nformat: onnx\nprecision: fp32\nquantization: {method: pt2e}\n")
     assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
     assert "quantization.method: 'pt2e' does not apply to format onnx" in capsys.readouterr().err
+
+
+def test_weights_method_refuses_exclude_modules(tmp_path, capsys):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("name: mine\nformat: tflite\nprecision: int8\n"
+                                      "quantization: {method: weights, exclude_modules: ['*.x_proj']}\n")
+    assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "quantization.exclude_modules: method weights stores every float constant" in err and err.count("\n") == 1

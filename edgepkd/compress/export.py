@@ -141,7 +141,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     out_dir = run.path / "export" / target.name
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
-    previous = list(read_json(manifest_path, ("artifacts",), "a manifest", "move it away and export again",
+    previous = list(read_json(manifest_path, {"artifacts": list}, "a manifest", "move it away and export again",
                               default={"artifacts": []})["artifacts"])
     entries = []
     for c in chosen:

@@ -119,7 +119,7 @@ def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
     from edgepkd.compress import weights
 
     g = model.graph
-    used = {name for n in g.node for name in n.input}
+    used = {name for n in g.node for name in n.input} - {v.name for v in g.input}  # an input may override it
     kept, decode = [], []
     for t in g.initializer:
         a = numpy_helper.to_array(t)
@@ -128,8 +128,7 @@ def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
             continue
         axis = weights.best_axis(a) if per_channel else None
         q, scale = weights.quantize(a, axis)                               # int8 like a, (C,) or ()
-        if axis is not None:
-            scale = scale.reshape([-1 if d == axis else 1 for d in range(a.ndim)])  # broadcasts against a
+        scale = weights.broadcast(scale, axis, a.ndim)                     # multiplies q along axis
         kept += [numpy_helper.from_array(q, t.name + "/q"), numpy_helper.from_array(scale, t.name + "/scale")]
         decode += [helper.make_node("Cast", [t.name + "/q"], [t.name + "/f"], to=TensorProto.FLOAT),
                    helper.make_node("Mul", [t.name + "/f", t.name + "/scale"], [t.name])]

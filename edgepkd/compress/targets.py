@@ -38,7 +38,7 @@ class QuantConfig:
                                                           # int8 weights with activations quantized at run time
     config: Literal["int8_dynamic_activation_int8_weight", "int8_weight_only"] = \
         "int8_dynamic_activation_int8_weight"            # torchao
-    min_elements: int = 64                               # weights: smaller constants (norms, biases) stay float
+    min_elements: int = 64                               # weights: constants with fewer values stay float
 
     def __post_init__(self):
         check(self.calibration_images >= 1, "calibration_images", "must be at least 1")
@@ -80,6 +80,9 @@ class ExportTarget:
               f"'{method}' does not apply to format {self.format} (allowed: {', '.join(METHODS[self.format])})")
         check((method == "none") == (self.precision == "fp32"), "precision",
               "fp32 targets use quantization.method none; int8 targets name a quantization method")
+        check(not (method == "weights" and self.quantization.exclude_modules), "quantization.exclude_modules",
+              "method weights stores every float constant of >= min_elements values as int8; raise min_elements "
+              "to keep small ones float")
         if self.precision == "fp32" and self.verify.max_abs_diff is None:
             self.verify.max_abs_diff = 1e-4
         if self.precision == "int8" and self.verify.max_accuracy_drop is None:

@@ -1,11 +1,12 @@
 """TFLite: ``litert_torch.convert`` (fp32), PT2E int8 (``torchao.quantization.pt2e`` prepare/convert with a
 quantizer litert-torch accepts), run with ``ai_edge_litert.interpreter.Interpreter``.
 
-int8 quantizes only Linear and Conv layers (weights per-channel, symmetric; activations either calibrated
-('static': the model's input and output become int8 tensors) or quantized at run time ('dynamic')):
+int8 compute (method pt2e) quantizes only Linear and Conv layers (weights per-channel, symmetric; activations either
+calibrated ('static': the model's input and output become int8 tensors) or quantized at run time ('dynamic')):
 quantizing the scan's elementwise ops fails to convert (tfl.slice same-scale constraint) or, when it converts,
 makes a small student slower than fp32. With int8 inputs, ``Runner`` quantizes them with the scale and zero
-point the interpreter reports. Metadata is a flatbuffer metadata
+point the interpreter reports. Method weights stores the float constants as int8 behind DEQUANTIZE ops and
+computes in float (see compress/weights.py). Metadata is a flatbuffer metadata
 entry 'edgepkd' (JSON), readable with ai_edge_litert alone.
 """
 
@@ -101,28 +102,30 @@ def _export(model, example, path: Path, target: ExportTarget, calibration) -> No
 def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
     """int8 weight storage (method 'weights', see compress/weights.py): each float constant with at least
     ``min_elements`` values becomes an int8 tensor (symmetric, per channel) feeding a DEQUANTIZE
-    op whose output is the tensor the graph used before. DEQUANTIZE of a constant runs once, when the
-    interpreter prepares the graph (XNNPACK unpacks it at delegation), so inference runs the fp32 graph."""
+    op whose output is the tensor the graph used before. The interpreter's DEQUANTIZE kernel computes the output
+    of a constant input once, on the first invoke, and keeps it: inference runs the fp32 graph. Tensors that
+    share a float buffer share one int8 copy."""
     from ai_edge_litert import schema_py_generated as schema
 
     from edgepkd.compress import weights
 
     ops = schema.BuiltinOperator
     codes = model.operatorCodes
-    dequantize = next((i for i, c in enumerate(codes) if max(c.builtinCode, c.deprecatedBuiltinCode) ==
-                       ops.DEQUANTIZE), None)
-    if dequantize is None:
-        code = schema.OperatorCodeT()
-        code.builtinCode, code.deprecatedBuiltinCode, code.version = ops.DEQUANTIZE, ops.DEQUANTIZE, 2  # v2: int8
-        codes.append(code)
-        dequantize = len(codes) - 1
+    existing = next((i for i, c in enumerate(codes) if max(c.builtinCode, c.deprecatedBuiltinCode) ==
+                     ops.DEQUANTIZE), None)
+    dequantize = existing if existing is not None else len(codes)      # appended below when used
+    empty = 0                                                          # buffer 0 is the empty sentinel by convention
+    if model.buffers[0].data is not None:
+        model.buffers.append(schema.BufferT())
+        empty = len(model.buffers) - 1
+    version = 1
     owners: dict[int, int] = {}
     for sub in model.subgraphs:
         for t in sub.tensors:
             owners[t.buffer] = owners.get(t.buffer, 0) + 1
     for sub in model.subgraphs:
         used = {t for op in sub.operators for t in op.inputs}
-        decode = []
+        decode, stored_as = [], {}                                         # (float buffer, shape) -> int8 tensor
         for index, tensor in enumerate(list(sub.tensors)):
             data = model.buffers[tensor.buffer].data
             if tensor.type != schema.TensorType.FLOAT32 or data is None or index not in used:
@@ -130,27 +133,38 @@ def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
             a = np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=np.float32).reshape(tensor.shape)
             if a.size < min_elements:
                 continue
-            axis = weights.best_axis(a) if per_channel else None
-            q, scale = weights.quantize(a, axis)                           # int8 like a, (C,) or ()
-            stored = schema.BufferT()
-            stored.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
-            model.buffers.append(stored)
-            qt = schema.TensorT()
-            qt.shape, qt.type, qt.buffer = list(tensor.shape), schema.TensorType.INT8, len(model.buffers) - 1
-            qt.name = f"q{index}"                                        # renamed by _slim_tensors
-            qt.quantization = schema.QuantizationParametersT()
-            qt.quantization.scale = [float(s) for s in np.atleast_1d(scale)]
-            qt.quantization.zeroPoint = [0] * len(qt.quantization.scale)
-            qt.quantization.quantizedDimension = axis or 0
-            sub.tensors.append(qt)
+            key = (tensor.buffer, tuple(tensor.shape))
+            if key not in stored_as:
+                axis = weights.best_axis(a) if per_channel else None
+                q, scale = weights.quantize(a, axis)                       # int8 like a, (C,) or ()
+                stored = schema.BufferT()
+                stored.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
+                model.buffers.append(stored)
+                qt = schema.TensorT()
+                qt.shape, qt.type, qt.buffer = list(tensor.shape), schema.TensorType.INT8, len(model.buffers) - 1
+                qt.name = f"q{index}"                                    # renamed by _slim_tensors
+                qt.quantization = schema.QuantizationParametersT()
+                qt.quantization.scale = [float(s) for s in np.atleast_1d(scale)]
+                qt.quantization.zeroPoint = [0] * len(qt.quantization.scale)
+                qt.quantization.quantizedDimension = axis or 0
+                sub.tensors.append(qt)
+                stored_as[key] = len(sub.tensors) - 1
+                # TFLite's op versions: DEQUANTIZE of int8 is 2, of per-channel int8 (several scales) 5
+                version = max(version, 5 if len(qt.quantization.scale) > 1 else 2)
             owners[tensor.buffer] -= 1
             if not owners[tensor.buffer]:
                 model.buffers[tensor.buffer].data = None                    # nobody else reads the float copy
-            tensor.buffer = 0                                              # buffer 0: the empty sentinel
+            tensor.buffer = empty                                          # now computed, not stored
             op = schema.OperatorT()
-            op.opcodeIndex, op.inputs, op.outputs = dequantize, [len(sub.tensors) - 1], [index]
+            op.opcodeIndex, op.inputs, op.outputs = dequantize, [stored_as[key]], [index]
             decode.append(op)
         sub.operators = decode + list(sub.operators)                       # decoders first: topological order
+    if version > 1 and existing is None:
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = ops.DEQUANTIZE, ops.DEQUANTIZE, version
+        codes.append(code)
+    elif version > 1:
+        codes[dequantize].version = max(codes[dequantize].version, version)
 
 
 def _set_metadata(model, metadata: dict) -> None:

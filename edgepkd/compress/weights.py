@@ -1,6 +1,6 @@
 """int8 weight storage with float compute: the numerics shared by the ONNX and TFLite passes (method ``weights``).
 
-Every float constant of at least ``min_elements`` values is stored as symmetric int8 with a float scale (one per
+Every float constant (ONNX initializer, TFLite constant buffer) of at least ``min_elements`` values is stored as symmetric int8 with a float scale (one per
 channel along ``axis``, or one for the tensor) and dequantized by the graph itself: ``Cast`` + ``Mul`` in ONNX,
 which onnxruntime constant-folds when it loads the session; ``DEQUANTIZE`` of a constant in TFLite, which the
 interpreter (and XNNPACK) evaluates once. The compute graph the runtime executes is then the fp32 graph: same
@@ -11,6 +11,13 @@ inference, which is what the smallest students need (their matmuls are too small
 from __future__ import annotations
 
 import numpy as np
+
+
+def broadcast(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """``scale`` (C,) shaped to multiply a tensor of ``ndim`` dimensions along ``axis`` (a scalar stays a scalar)."""
+    if axis is None or scale.ndim == 0:
+        return scale
+    return scale.reshape([-1 if d == axis % ndim else 1 for d in range(ndim)])
 
 
 def quantize(a: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -26,16 +33,13 @@ def quantize(a: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         others = tuple(d for d in range(a.ndim) if d != axis)
         scale = (np.abs(a).max(axis=others) / 127.0).astype(np.float32)  # (C,)
         scale[scale == 0] = 1.0
-        shaped = scale.reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+        shaped = broadcast(scale, axis, a.ndim)
     q = np.clip(np.rint(a / shaped), -127, 127).astype(np.int8)         # like a
     return q, scale
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
-    if axis is None or scale.ndim == 0:
-        return q.astype(np.float32) * scale
-    axis = axis % q.ndim
-    return q.astype(np.float32) * scale.reshape([-1 if d == axis else 1 for d in range(q.ndim)])
+    return q.astype(np.float32) * broadcast(scale, axis, q.ndim)
 
 
 def best_axis(a: np.ndarray) -> int | None:

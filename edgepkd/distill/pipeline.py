@@ -153,7 +153,8 @@ class _LogitSource:
         """Sum of these logits and ``model``'s, added in the order ``eval_mode`` adds them (bit-identical)."""
         one = _LogitSource.of([model], data, self.table is not None, dist)
         table = self.table + one.table if self.table is not None else None
-        return _LogitSource(lambda x: self.fn(x) + one.fn(x), table)
+        before, after = self.fn, one.fn                                     # not self / one: their tables go
+        return _LogitSource(lambda x: before(x) + after(x), table)
 
     def __call__(self, idx: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         return self.table[idx].to(x.device) if self.table is not None and idx is not None else self.fn(x)

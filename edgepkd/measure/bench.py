@@ -94,7 +94,7 @@ def now() -> str:
 
 # ---------------------------------------------------------------------------------------- finding artifacts
 def _manifest(folder: Path) -> list[dict]:
-    return read_json(folder / "manifest.json", ("artifacts",), "a manifest", "export again")["artifacts"]
+    return read_json(folder / "manifest.json", {"artifacts": list}, "a manifest", "export again")["artifacts"]
 
 
 def _run_of(folder: Path) -> Path | None:
@@ -186,7 +186,7 @@ class BenchStore:
         self.path = run / "bench" / f"{profile.name}.json"
         self.profile = profile
         self.settings = _settings(profile, opts)
-        self.data = read_json(self.path, ("results", "errors"), "a bench file", "move it away and bench again",
+        self.data = read_json(self.path, {"results": dict, "errors": dict}, "a bench file", "move it away and bench again",
                               default={"device": profile.name, "results": {}, "errors": {}})
 
     def current(self, a: Artifact) -> tuple[dict | None, str | None]:

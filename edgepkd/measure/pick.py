@@ -252,7 +252,7 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
 def write_selection(run: Path, sel: Selection) -> Path:
     """runs/<run>/selection.json: this device's entry replaced, the other devices' kept."""
     path = Path(run) / "selection.json"
-    data = read_json(path, ("devices",), "a selection file", "move it away", default={"devices": {}})
+    data = read_json(path, {"devices": dict}, "a selection file", "move it away", default={"devices": {}})
     data["devices"][sel.profile.name] = sel.as_dict()
     atomic_write_json(path, data)
     return path
