@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -27,14 +28,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgepkd.compress import onnx_export, tflite_export  # noqa: E402
-from edgepkd.compress.export import export_run  # noqa: E402
+from edgepkd.compress.export import export_targets  # noqa: E402
 from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
+from edgepkd.report import load_metrics  # noqa: E402
 
 PAIRS = [("onnx-fp32", "onnx-int8"), ("onnx-fp32", "onnx-int8-dynamic"), ("onnx-fp32", "onnx-int8-weights"),
          ("tflite-fp32", "tflite-int8"), ("tflite-fp32", "tflite-int8-static"), ("tflite-fp32", "tflite-int8-weights")]
 RUNNERS = {"onnx": onnx_export.Runner, "tflite": tflite_export.Runner}
 
 
+@functools.cache
 def constant_bytes(path: Path) -> int:
     """Bytes of constant tensor data in an artifact: ONNX initializers, TFLite buffers (not the metadata's)."""
     if path.suffix == ".onnx":
@@ -62,15 +65,18 @@ def latency_ms(runner, shape, warmup=50, runs=200, min_seconds=1.0) -> float:
 
 def bench_run(run: Path, students_only: bool = False, data_dir: str | None = None) -> dict:
     targets = load_targets()
-    entries = {}
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = load_metrics(run)
     models = [r["name"] for r in metrics["models"] if r["role"] == "chain"] if students_only else None
+    bench_targets = []
     for name in sorted({t for pair in PAIRS for t in pair}):
         t = dataclasses.replace(targets.get(name), name=f"bench-{name}")
         t.verify = VerifyConfig(max_abs_diff=1e9, max_accuracy_drop=100.0)  # report, do not gate
-        print(f"exporting {run.name} for {name}", file=sys.stderr)
-        entries[name] = {e["model"]: e for e in export_run(str(run), t, models=models, data_dir=data_dir,
-                                                                      log=lambda *a: None)}
+        bench_targets.append(t)
+    written, _ = export_targets(str(run), bench_targets, models=models, data_dir=data_dir,
+                                log=lambda line: print(line, file=sys.stderr) if ": exporting " in line else None)
+    entries: dict[str, dict] = {}                                           # target -> model -> manifest entry
+    for e in written:
+        entries.setdefault(e["target"].removeprefix("bench-"), {})[e["model"]] = e
     rows = []
     for fp32, int8 in PAIRS:
         fmt = targets.get(fp32).format

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from edgepkd.rundir import atomic_write_bytes, atomic_write_text
+from edgepkd.rundir import atomic_write_bytes, atomic_write_text, read_json
 
 FLOP_CONVENTION = ("FLOPs per image = 2 x MACs of conv/linear layers + selective scan 9·L·D·N (+2·L·D for the "
                    "D skip and z gate); norms and activations not counted")
@@ -98,7 +98,5 @@ def write_report(run_path: Path, metrics: dict) -> None:
 
 
 def load_metrics(run_path: Path) -> dict:
-    from edgepkd.rundir import read_json
-
     return read_json(Path(run_path) / "metrics.json", {"models": list, "ensemble_prefixes": list}, "a metrics file",
                      "run edgepkd evaluate or distill --resume to write it again")

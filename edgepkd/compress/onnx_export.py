@@ -126,8 +126,7 @@ def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
         if a.dtype != np.float32 or a.size < min_elements or t.name not in used:
             kept.append(t)
             continue
-        axis = weights.best_axis(a) if per_channel else None
-        q, scale = weights.quantize(a, axis)                               # int8 like a, (C,) or ()
+        q, scale, axis = weights.quantize_best(a, per_channel)     # int8 like a, (C,) or ()
         scale = weights.broadcast(scale, axis, a.ndim)                     # multiplies q along axis
         kept += [numpy_helper.from_array(q, t.name + "/q"), numpy_helper.from_array(scale, t.name + "/scale")]
         decode += [helper.make_node("Cast", [t.name + "/q"], [t.name + "/f"], to=TensorProto.FLOAT),

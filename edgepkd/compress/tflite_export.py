@@ -135,8 +135,7 @@ def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
                 continue
             key = (tensor.buffer, tuple(tensor.shape))
             if key not in stored_as:
-                axis = weights.best_axis(a) if per_channel else None
-                q, scale = weights.quantize(a, axis)                       # int8 like a, (C,) or ()
+                q, scale, axis = weights.quantize_best(a, per_channel)     # int8 like a, (C,) or ()
                 stored = schema.BufferT()
                 stored.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
                 model.buffers.append(stored)

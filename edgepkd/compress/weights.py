@@ -1,11 +1,12 @@
 """int8 weight storage with float compute: the numerics shared by the ONNX and TFLite passes (method ``weights``).
 
-Every float constant (ONNX initializer, TFLite constant buffer) of at least ``min_elements`` values is stored as symmetric int8 with a float scale (one per
-channel along ``axis``, or one for the tensor) and dequantized by the graph itself: ``Cast`` + ``Mul`` in ONNX,
-which onnxruntime constant-folds when it loads the session; ``DEQUANTIZE`` of a constant in TFLite, which the
-interpreter (and XNNPACK) evaluates once. The compute graph the runtime executes is then the fp32 graph: same
-speed, weights in a quarter of the bytes. Unlike int8 compute (QDQ, dynamic range, PT2E), nothing is added per
-inference, which is what the smallest students need (their matmuls are too small for int8 kernels to pay off).
+Every float constant (ONNX initializer, TFLite constant buffer) of at least ``min_elements`` values is stored as
+symmetric int8 with a float scale (one per slice along the axis that reconstructs it best, or one for the tensor)
+and dequantized by the graph itself: ``Cast`` + ``Mul`` in ONNX, which onnxruntime constant-folds when it loads the
+session; ``DEQUANTIZE`` of a constant in TFLite, whose kernel computes its output once and keeps it. The compute
+graph the runtime executes is then the fp32 graph: same speed, weights in a quarter of the bytes. Unlike int8
+compute (QDQ, dynamic range, PT2E), nothing is added per inference, which is what the smallest students need
+(their matmuls are too small for int8 kernels to pay off).
 """
 
 from __future__ import annotations
@@ -42,13 +43,20 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray
     return q.astype(np.float32) * broadcast(scale, axis, q.ndim)
 
 
-def best_axis(a: np.ndarray) -> int | None:
-    """The axis whose per-slice scales reconstruct ``a`` best (least squared error; one scale for vectors and
-    scalars). Compute stays float, so any axis works for the runtime; the best one matters for what is not a
-    matmul weight: the scan's A (d_inner, N) wants one scale per channel row, not per state column (on an
-    MNIST student: max logit error 0.11 against 1.75)."""
+def quantize_best(a: np.ndarray, per_channel: bool = True) \
+        -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``quantize`` along the axis whose per-slice scales reconstruct ``a`` best (least squared error; one scale
+    for vectors, scalars and ``per_channel=False``): (q, scale, axis). Compute stays float, so any axis works for
+    the runtime; the best one matters for what is not a matmul weight: the scan's A (d_inner, N) wants one scale
+    per channel row, not per state column (on an MNIST student: max logit error 0.11 against 1.75)."""
     a = np.asarray(a, dtype=np.float32)
-    axes = [d for d, n in enumerate(a.shape) if n > 1]
-    if a.ndim < 2 or not axes:
-        return None
-    return min(axes, key=lambda d: float(np.square(dequantize(*quantize(a, d), d) - a).sum()))
+    axes = [d for d, n in enumerate(a.shape) if n > 1] if per_channel and a.ndim >= 2 else []
+    if not axes:
+        return (*quantize(a, None), None)
+    tried = [(*quantize(a, d), d) for d in axes]
+    return min(tried, key=lambda t: float(np.square(dequantize(*t) - a).sum()))
+
+
+def best_axis(a: np.ndarray) -> int | None:
+    """The axis ``quantize_best`` picks for ``a``."""
+    return quantize_best(a)[2]

@@ -186,8 +186,9 @@ class BenchStore:
         self.path = run / "bench" / f"{profile.name}.json"
         self.profile = profile
         self.settings = _settings(profile, opts)
-        self.data = read_json(self.path, {"results": dict, "errors": dict}, "a bench file", "move it away and bench again",
-                              default={"device": profile.name, "results": {}, "errors": {}})
+        empty = {"device": profile.name, "results": {}, "errors": {}}
+        self.data = read_json(self.path, {"results": dict, "errors": dict}, "a bench file",
+                              "move it away and bench again", default=empty)
 
     def current(self, a: Artifact) -> tuple[dict | None, str | None]:
         """(result, error) recorded for ``a`` with the same file contents and device settings, else (None, None)."""
