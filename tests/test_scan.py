@@ -67,7 +67,18 @@ def run_with_grads(name, x, grad_out, **kw):
     return out.detach(), {k: v.grad for k, v in inp.items()}
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpp", "closed"])
+# every registered backend but the reference itself and the CUDA kernel (tested on a GPU below)
+FAST_BACKENDS = [n for n in SCAN_BACKENDS.names() if n not in ("torch", "mamba_ssm")]
+
+
+def test_the_fast_backends_include_every_exportable_form():
+    from edgepkd.models.mamba import EXPORTABLE_SCANS
+
+    assert {"chunked", "cpp"} <= set(FAST_BACKENDS)
+    assert set(EXPORTABLE_SCANS) - {"torch"} <= set(FAST_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("length", [1, 2, 7, 16, 49, 50, 64, 97])
 def test_fast_backends_match_reference_forward_and_gradients(backend, length):
     x = scan_inputs(batch=3, dim=6, length=length, n=5, seed=length)
@@ -97,10 +108,30 @@ def test_chunked_survives_strong_decay_without_nan():
     x = scan_inputs(length=64)
     x["A"] = x["A"] * 200.0  # exp(cumsum) underflows to 0 within a chunk: must stay finite and correct
     ref = selective_scan_torch(**x, delta_softplus=True)
-    for name in ("chunked", "cpp", "closed"):
+    for name in FAST_BACKENDS:
         out = SCAN_BACKENDS.get(name)(**x, delta_softplus=True)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 2, 49])
+def test_unrolled_last_state_and_large_step_sizes(length):
+    from edgepkd.models.scan import selective_scan_unrolled
+
+    x = scan_inputs(length=length, n=4)
+    x["delta"] = x["delta"] * 30.0  # softplus far past F.softplus's threshold (20) on both sides
+    ref, ref_last = selective_scan_torch(**x, delta_softplus=True, return_last_state=True)
+    out, last = selective_scan_unrolled(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, ref_last, atol=1e-5, rtol=1e-5)
+
+
+def test_exportable_softplus_matches_torch_everywhere():
+    from edgepkd.models.scan import softplus_exportable
+
+    x = torch.linspace(-100, 100, 20001)
+    torch.testing.assert_close(softplus_exportable(x), torch.nn.functional.softplus(x), atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(softplus_exportable(torch.tensor([-1e30, 1e30]))).all()
 
 
 def test_backend_resolution_on_cpu_and_unknown_name():

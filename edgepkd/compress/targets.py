@@ -70,8 +70,9 @@ class ExportTarget:
     description: str = ""
     quantization: QuantConfig = field(default_factory=QuantConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    scan: Literal["torch", "closed"] = "torch"  # exportable scan: the unrolled step loop (fastest in ORT/TFLite at
-                                                # image-sized L) or the closed form (fewer ops, L times the work)
+    scan: Literal["unrolled", "torch", "closed"] = "unrolled"  # exportable scan: the step loop in a position-major
+                                           # layout (fastest in ORT/TFLite at image-sized L), the reference's own
+                                           # layout, or the closed form (fewer ops, L times the work)
     opset: int = 18                        # onnx
 
     def __post_init__(self):

@@ -97,8 +97,6 @@ class MambaStudent(nn.Module):
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
         if stem not in STEMS:
             raise ValueError(f"stem '{stem}' is not one of {', '.join(STEMS)}")
-        if stem == "conv" and patch_size % 2:
-            raise ValueError(f"stem 'conv' needs an even patch_size (got {patch_size})")
         self.spec = dict(d_model=d_model, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
                          patch_size=patch_size, bidirectional=bidirectional, dt_rank=dt_rank, stem=stem)
         self.num_classes, self.num_features = num_classes, d_model
@@ -106,11 +104,12 @@ class MambaStudent(nn.Module):
         dt_rank = dt_rank or math.ceil(d_model / 16)
         if stem == "patch":  # ViT / Vision Mamba: one linear projection per non-overlapping patch
             self.patch_embed = nn.Conv2d(in_chans, d_model, patch_size, stride=patch_size)
-        else:                # conv: a 3x3 stride-2 conv-BN-ReLU, then the remaining patch_size/2 as a patch conv
-            half = max(8, d_model // 2)
+        else:                # conv: a 3x3 conv-BN-ReLU (stride 2 for an even patch_size, else 1), then the
+            half = max(8, d_model // 2)  # rest of the patch as a patch conv (patch_size/2, or patch_size)
+            stride = 2 if patch_size % 2 == 0 else 1
             self.patch_embed = nn.Sequential(
-                nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
-                nn.Conv2d(half, d_model, patch_size // 2, stride=patch_size // 2))
+                nn.Conv2d(in_chans, half, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                nn.Conv2d(half, d_model, patch_size // stride, stride=patch_size // stride))
         self.pos_embed = nn.Parameter(torch.randn(1, self.seq_len, d_model) * 0.02)
         self.blocks = nn.ModuleList(
             MambaBlock(d_model, d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank,
@@ -140,12 +139,13 @@ def set_scan_backend(model: nn.Module, name: str) -> None:
             m.scan_backend = name
 
 
-EXPORTABLE_SCANS = ("torch", "closed")
+EXPORTABLE_SCANS = ("unrolled", "torch", "closed")
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module, scan: str = "torch"):
-    """Use an exportable pure-PyTorch scan (the step-loop reference 'torch', or 'closed') in every branch,
+def export_mode(model: nn.Module, scan: str = "unrolled"):
+    """Use an exportable pure-PyTorch scan ('unrolled', the device-friendly form of the step loop; the reference
+    'torch'; or 'closed') in every branch,
     restoring each branch's backend afterwards."""
     if scan not in EXPORTABLE_SCANS:
         raise ValueError(f"scan '{scan}' is not exportable (exportable: {', '.join(EXPORTABLE_SCANS)})")

@@ -13,6 +13,9 @@ ungrouped B/C):
 Every backend computes in fp32 and casts back, like mamba's ``selective_scan_ref``.
 Backends (`edgepkd list scan-backends`):
     torch      pure PyTorch, one step per position: the reference; exportable (unrolled at the fixed L).
+    unrolled   the reference's recurrence laid out for device runtimes (the default export form): position-major
+               (L, B, D, N) tensors, so each step's slice is one contiguous block; softplus written with ops
+               every runtime delegates (no SELECT). Exportable, for inference.
     closed     pure PyTorch closed form with an (L, L) decay matrix: no loop, few ops; exportable, for inference.
     chunked    pure PyTorch two-level scan (~2·sqrt(L) sequential steps) with a hand-written backward.
     cpp        the O(B·D·L·N) core in a small C++ kernel (csrc/), compiled on first use; falls back to 'chunked'.
@@ -79,6 +82,51 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     y = (torch.cat(states, dim=2) * C.float().transpose(1, 2).unsqueeze(1)).sum(-1)  # (B, D, L)
     out = _skip_and_gate(y, u, D, z, u.dtype)                           # (B, D, L)
     return (out, h.squeeze(2)) if return_last_state else out
+
+
+def softplus_exportable(x: torch.Tensor) -> torch.Tensor:
+    """softplus(x) = max(x, 0) + log(1 + exp(-|x|)): exact and overflow-free, in ops that XNNPACK, onnxruntime
+    and TFLite Micro all have. ``F.softplus`` lowers to GREATER + SELECT (its threshold branch), which falls
+    outside TFLite's XNNPACK delegate and which TFLite Micro lacks. Differs from ``F.softplus`` by < 1e-7."""
+    return torch.relu(x) + torch.log(1 + torch.exp(-x.abs()))
+
+
+def _concat(parts: list[torch.Tensor], dim: int, fan_in: int = 4) -> torch.Tensor:
+    """torch.cat as a tree of at most ``fan_in``-input concatenations: XNNPACK delegates CONCATENATION of up to
+    5 inputs only, and one L-input concat splits the TFLite graph into three delegate partitions."""
+    while len(parts) > 1:
+        parts = [torch.cat(parts[i:i + fan_in], dim) if len(parts[i:i + fan_in]) > 1 else parts[i]
+                 for i in range(0, len(parts), fan_in)]
+    return parts[0]
+
+
+@SCAN_BACKENDS.register("unrolled")
+def selective_scan_unrolled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False):
+    """The reference recurrence in the layout device runtimes run fastest, for export (inference only).
+
+    Position-major: dA and dt·u·B are built as (L, B, D, N), so the SPLIT along L gives contiguous blocks (in
+    the reference's (B, D, L, N) layout every step's slice is a strided gather of D pieces of N floats). Per
+    step: two SLICEs, one MUL, one ADD; softplus without SELECT; the states join in a tree of <= 4-input
+    concatenations; the contraction with C runs over the contiguous last axis. Same math as 'torch', within
+    float rounding (tests check it against the reference)."""
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    dt = softplus_exportable(delta) if delta_softplus else delta         # (B, D, L)
+    dt_l = dt.permute(2, 0, 1).unsqueeze(-1)                            # (L, B, D, 1)
+    dA = torch.exp(dt_l * A.float())                                    # (L, B, D, N)
+    x = (dt_l * u.float().permute(2, 0, 1).unsqueeze(-1)) * B.float().permute(2, 0, 1).unsqueeze(2)  # (L, B, D, N)
+    decays, inputs = dA.split(1, dim=0), x.split(1, dim=0)              # L x (1, B, D, N), contiguous
+    h = inputs[0] if len(inputs) > 1 else inputs[0] + 0 * decays[0]     # (1, B, D, N): h_0 = x_0
+    states = [h]
+    for a, xt in zip(decays[1:], inputs[1:]):
+        h = a * h + xt                                                  # (1, B, D, N)
+        states.append(h)
+    hs = _concat(states, 0)                                             # (L, B, D, N)
+    y = (hs * C.float().permute(2, 0, 1).unsqueeze(2)).sum(-1).permute(1, 2, 0)  # (B, D, L)
+    out = _skip_and_gate(y, u, D, z, u.dtype)                           # (B, D, L)
+    return (out, h[0]) if return_last_state else out
 
 
 @SCAN_BACKENDS.register("closed")
