@@ -3,7 +3,7 @@ import torch
 
 from edgepkd.errors import ConfigError
 from edgepkd.models import STUDENTS, TEACHERS, MambaStudent, build_teacher, export_mode, set_scan_backend
-from edgepkd.models.mamba import SSMBranch
+from edgepkd.models.mamba import EXPORTABLE_SCANS, SSMBranch
 
 SHAPES = [(1, 8), (3, 32)]  # (channels, image size): digits-like and CIFAR-like
 
@@ -62,11 +62,11 @@ def test_teacher_args_checked():
         build_teacher("cnn", {"depth": 3}, 10, 1, 8)
 
 
-def test_export_mode_forces_torch_scan_and_restores():
+def test_export_mode_forces_an_exportable_scan_and_restores():
     model = MambaStudent(10, 1, 8, d_model=8, depth=2)
     set_scan_backend(model, "auto")
     with export_mode(model):
-        assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"torch"}
+        assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"unrolled"}
     with export_mode(model, scan="closed"):
         assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"closed"}
     with pytest.raises(ValueError, match="not exportable"):
@@ -77,7 +77,7 @@ def test_export_mode_forces_torch_scan_and_restores():
         set_scan_backend(model, "cuda")
 
 
-def test_conv_stem_student_counts_its_stem_and_needs_an_even_patch():
+def test_conv_stem_student_counts_its_stem_for_even_and_odd_patches():
     from edgepkd.measure.flops import count_flops
 
     patch = MambaStudent(10, 3, 32, d_model=16, depth=1, d_state=4, patch_size=4)
@@ -91,7 +91,26 @@ def test_conv_stem_student_counts_its_stem_and_needs_an_even_patch():
     stem_macs = 3 * 9 * 8 * 16 * 16 + 8 * 4 * 16 * 8 * 8
     assert b.macs - a.macs == stem_macs - 3 * 16 * 16 * 64
     assert conv.spec["stem"] == "conv"
-    with pytest.raises(ValueError, match="even patch_size"):
-        MambaStudent(10, 1, 28, d_model=8, patch_size=7, stem="conv")
+    # odd patch: a stride-1 3x3 conv 1->8 at 28x28, then a 7x7 stride-7 conv 8->16 at 4x4 (16 tokens)
+    odd = MambaStudent(10, 1, 28, d_model=16, depth=1, d_state=4, patch_size=7, stem="conv")
+    assert odd.seq_len == 16 and odd.forward_features(torch.randn(2, 1, 28, 28)).shape == (2, 16, 16)
+    plain = MambaStudent(10, 1, 28, d_model=16, depth=1, d_state=4, patch_size=7)
+    assert count_flops(odd, (1, 28, 28)).macs - count_flops(plain, (1, 28, 28)).macs == \
+        1 * 9 * 8 * 28 * 28 + 8 * 49 * 16 * 16 - 1 * 49 * 16 * 16
     with pytest.raises(ValueError, match="stem 'pixel'"):
         MambaStudent(10, 1, 28, d_model=8, patch_size=7, stem="pixel")
+
+
+@pytest.mark.parametrize("scan", [s for s in EXPORTABLE_SCANS if s != "torch"])
+@pytest.mark.parametrize("name", STUDENTS.names())
+@pytest.mark.parametrize("image_size,patch", [(14, 2), (10, 2), (9, 3)])  # L = 49, 25, 9: odd lengths
+def test_export_forms_match_the_reference_for_every_registered_student(scan, name, image_size, patch):
+    torch.manual_seed(0)
+    model = STUDENTS.get(name)(10, 1, image_size, patch_size=patch).eval()
+    x = torch.randn(3, 1, image_size, image_size)
+    with torch.no_grad(), export_mode(model, scan="torch"):
+        ref = model(x)
+    with torch.no_grad(), export_mode(model, scan=scan):
+        out = model(x)
+    assert model.seq_len % 2 == 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
