@@ -109,29 +109,40 @@ class StudentSpec:
     patch_size: int = 2
     bidirectional: bool = False
     dt_rank: int | None = None        # None: ceil(d_model / 16), as in Mamba
-    stem: Literal["patch", "conv"] = "patch"  # patch: one linear map per patch (ViT); conv: 3x3 s2 conv-BN-ReLU
-                                              # then a (patch_size/2) patch conv (a hybrid, cheap local features)
+    stem: Literal["patch", "conv"] = "patch"  # patch: one linear map per patch (ViT); conv: a 3x3 conv-BN-ReLU
+                                              # (stride 2 for an even patch_size, else 1) then the rest of the
+                                              # patch as a patch conv (a hybrid, cheap local features)
 
     def __post_init__(self):
         for name in ("d_model", "depth", "d_state", "expand", "d_conv", "patch_size"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
-        check(self.stem == "patch" or self.patch_size % 2 == 0, "patch_size", "stem 'conv' needs an even patch_size")
         check(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be at least 1 or null")
 
 
 @dataclass
 class ProgressionConfig:
-    """Generate students: each about ``flops_ratio`` times the FLOPs of the previous one."""
+    """Generate students: each about ``flops_ratio`` times the FLOPs of the previous one (``by: flops``), or
+    about ``latency_ratio`` times its p50 latency measured on a device profile (``by: latency``: candidates are
+    exported with random weights and timed in that device's runtime, cached per device in a latency table)."""
 
     start: StudentSpec = field(default_factory=lambda: StudentSpec(d_model=32, depth=2))
     count: int = 4
     flops_ratio: float = 0.5
     min_d_model: int = 4
+    by: Literal["flops", "latency"] = "flops"
+    latency_ratio: float = 0.6
+    device: str | None = None          # by: latency: the device profile (edgepkd distill --device overrides it)
+    patch_sizes: list[int] | None = None  # also search these patch sizes (token counts); None: start's only
+    max_measured: int = 6              # by: latency: candidates timed per student, nearest in FLOPs first
 
     def __post_init__(self):
         check(self.count >= 1, "count", "must be at least 1")
         check(0.05 <= self.flops_ratio < 1.0, "flops_ratio", "must be in [0.05, 1)")
+        check(0.05 <= self.latency_ratio < 1.0, "latency_ratio", "must be in [0.05, 1)")
         check(self.min_d_model >= 1, "min_d_model", "must be at least 1")
+        check(self.max_measured >= 1, "max_measured", "must be at least 1")
+        check(self.patch_sizes is None or (len(self.patch_sizes) >= 1 and all(p >= 1 for p in self.patch_sizes)),
+              "patch_sizes", "must list positive patch sizes")
 
 
 @dataclass
@@ -175,7 +186,7 @@ class DistillConfig:
 
 def _demo_students() -> StudentsConfig:
     return StudentsConfig(sizes=[
-        StudentSpec(d_model=32, depth=2, d_state=8),
+        StudentSpec(d_model=32, depth=1, d_state=8, stem="conv"),
         StudentSpec(d_model=24, depth=1, d_state=8),
         StudentSpec(d_model=16, depth=1, d_state=4),
         StudentSpec(d_model=8, depth=1, d_state=4),

@@ -43,8 +43,14 @@ class Member:
 
 
 # ------------------------------------------------------------------------------------------ students plan
-def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes: int) -> list[tuple[dict, FlopReport]]:
-    """Resolve ``recipe.students`` to concrete specs with their FLOPs, largest first, strictly decreasing."""
+LatencyFn = Callable[[list[dict]], list[float]]   # student specs -> p50 ms each on a device (random weights)
+
+
+def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes: int,
+                  latency: LatencyFn | None = None) -> list[tuple[dict, FlopReport]]:
+    """Resolve ``recipe.students`` to concrete specs with their FLOPs, largest first, strictly decreasing.
+    ``latency`` times candidates on a device (``progression.by: latency``; edgepkd.measure.latency_table
+    provides one): distill does not import measure, the caller hands it in."""
     c, h, _ = input_shape
 
     def measure(spec: dict) -> FlopReport:
@@ -64,40 +70,62 @@ def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes
                                   f"student {i - 1} ({a.mflops:.3f} MFLOPs / {a.macs} MACs); list students "
                                   "largest first, each strictly smaller")
         return planned
-    return _progression(recipe, input_shape, num_classes, measure)
+    return _progression(recipe, input_shape, num_classes, measure, latency)
 
 
-def _progression(recipe: Recipe, input_shape, num_classes, measure) -> list[tuple[dict, FlopReport]]:
-    """Each next student: the candidate (d_model, depth, d_state), no wider or deeper than the previous one,
-    whose FLOPs are closest (in log ratio) to ``flops_ratio`` x the previous student's; ties go to the wider."""
+def _progression(recipe: Recipe, input_shape, num_classes, measure, latency: LatencyFn | None = None
+                 ) -> list[tuple[dict, FlopReport]]:
+    """Each next student: a candidate (d_model, depth, d_state, patch size), no wider or deeper than the previous
+    one and with fewer FLOPs, whose FLOPs (``by: flops``) or measured p50 (``by: latency``) are closest in log
+    ratio to the ratio times the previous student's; ties go to the wider. By latency, only the
+    ``max_measured`` candidates nearest in FLOPs to the previous student's FLOPs x latency_ratio are timed per
+    step (each timing is an export and a run on the device; the latency table caches them)."""
     prog = recipe.students.progression
     start = to_dict(prog.start)
-    if input_shape[1] % start["patch_size"]:
-        raise ConfigError(f"students.progression.start.patch_size: {start['patch_size']} does not divide the "
-                          f"image size {input_shape[1]}")
+    patches = prog.patch_sizes or [start["patch_size"]]
+    for p in dict.fromkeys([start["patch_size"], *patches]):
+        if input_shape[1] % p:
+            raise ConfigError(f"students.progression: patch_size {p} does not divide the image size {input_shape[1]}")
+    if prog.by == "latency" and latency is None:
+        raise ConfigError("students.progression.by: latency needs a device to time candidates on: pass "
+                          "edgepkd distill --device NAME, or set students.progression.device")
     step = 4 if start["d_model"] >= 8 else 1
     d_models = sorted({d for d in range(step, start["d_model"] + 1, step) if d >= prog.min_d_model}
                       | {max(prog.min_d_model, 1)})
     d_states = sorted({max(1, start["d_state"] // 2 ** k) for k in range(3)})
-    candidates = [{**start, "d_model": d, "depth": depth, "d_state": n, "dt_rank": None}
-                  for d in d_models for depth in range(1, start["depth"] + 1) for n in d_states]
+    candidates = [{**start, "d_model": d, "depth": depth, "d_state": n, "patch_size": p, "dt_rank": None}
+                  for d in d_models for depth in range(1, start["depth"] + 1) for n in d_states
+                  for p in dict.fromkeys(patches)]
     scored = [(spec, measure(spec)) for spec in candidates]
     planned = [(start, measure(start))]
+    lat = latency([start])[0] if prog.by == "latency" else None
     while len(planned) < prog.count:
         prev_spec, prev = planned[-1]
-        target = prev.flops * prog.flops_ratio
-        # a family that only shrinks: no student wider or deeper than the one before it
+        # a family that only shrinks: no student wider or deeper than the one before it, and fewer FLOPs
         smaller = [(s, f) for s, f in scored if f.flops < prev.flops and f.macs < prev.macs
                    and s["d_model"] <= prev_spec["d_model"] and s["depth"] <= prev_spec["depth"]]
+        if prog.by == "latency":
+            near = sorted(smaller, key=lambda sf: abs(math.log(sf[1].flops / (prev.flops * prog.latency_ratio))))
+            near = near[:prog.max_measured]
+            times = latency([s for s, _ in near]) if near else []
+            smaller = [(s, f) for (s, f), t in zip(near, times) if t < lat]
+            target = lat * prog.latency_ratio
+            key_of = {id(s): t for (s, _), t in zip(near, times)}
+            rank = lambda sf: (abs(math.log(key_of[id(sf[0])] / target)), -sf[0]["d_model"])  # noqa: E731
+        else:
+            target = prev.flops * prog.flops_ratio
+            rank = lambda sf: (abs(math.log(sf[1].flops / target)), -sf[0]["d_model"])  # noqa: E731
         if not smaller:
-            raise ConfigError(f"students.progression.count: only {len(planned)} students fit below "
-                              f"{prev.mflops:.3f} MFLOPs with min_d_model {prog.min_d_model}; lower count or "
-                              "flops_ratio, or start larger")
-        planned.append(min(smaller, key=lambda sf: (abs(math.log(sf[1].flops / target)), -sf[0]["d_model"])))
+            what = f"{prev.mflops:.3f} MFLOPs" + (f" and {lat:.4f} ms" if lat is not None else "")
+            raise ConfigError(f"students.progression.count: only {len(planned)} students fit below {what} "
+                              f"with min_d_model {prog.min_d_model}; lower count or the ratio, or start larger")
+        planned.append(min(smaller, key=rank))
+        if prog.by == "latency":
+            lat = key_of[id(planned[-1][0])]
     return planned
 
 
-def check_recipe(recipe: Recipe, data: Dataset) -> list[tuple[dict, FlopReport]]:
+def check_recipe(recipe: Recipe, data: Dataset, latency: LatencyFn | None = None) -> list[tuple[dict, FlopReport]]:
     """Everything that needs the data's shape: the teacher builds, the students plan. Returns the plan."""
     from edgepkd.models import TEACHERS
 
@@ -117,7 +145,7 @@ def check_recipe(recipe: Recipe, data: Dataset) -> list[tuple[dict, FlopReport]]
             raise ConfigError(f"baselines.{i}: {e}") from None
     if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: {recipe.teacher.checkpoint}: no such file")
-    return plan_students(recipe, data.input_shape, data.num_classes)
+    return plan_students(recipe, data.input_shape, data.num_classes, latency)
 
 
 # ------------------------------------------------------------------------------------------ the run
