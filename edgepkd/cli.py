@@ -264,15 +264,17 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     backend = resolve_backend(recipe.scan_backend, dist.device)
     data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, args.data_dir), local_first=True)
 
+    latency = _latency_table(recipe, data, args) if dist.is_main else None
+
     def check():
         try:
-            return check_recipe(recipe, data)
+            return check_recipe(recipe, data, latency)
         except ConfigError as e:
             raise ConfigError(f"{recipe_path or '<demo recipe>'}: {e}") from None
 
     plan = dist.agree(check)
     if args.dry_run:
-        return _print_plan(recipe, data, plan, args.json) if dist.is_main else 0
+        return _print_plan(recipe, data, plan, args.json, latency) if dist.is_main else 0
 
     run = RunDir(Path(args.out) / (args.name or recipe.name))
     dist.agree(lambda: run.create(to_dict(recipe), resume=args.resume) if dist.is_main else None)
@@ -323,9 +325,26 @@ def _unseen(run, dist):
                    "filesystem that every machine of the run shares (ranks resume from the same checkpoint)")
 
 
-def _print_plan(recipe, data, plan, as_json: bool) -> int:
+def _latency_table(recipe, data, args):
+    """The latency table of ``students.progression.by: latency`` (on --device, else progression.device)."""
+    from edgepkd.measure.latency_table import LatencyTable
+
+    prog = recipe.students.progression
+    if prog is None or prog.by != "latency":
+        return None
+    name = args.device or prog.device
+    if name is None:
+        return None   # check_recipe says what is missing
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json or args.quiet else print
+    return LatencyTable(_device_profile(name, args.devices_dir), data.input_shape, data.num_classes, log=log)
+
+
+def _print_plan(recipe, data, plan, as_json: bool, latency=None) -> int:
     rows = [{"student": i + 1, **spec, "params": f.params, "macs": f.macs, "mflops": f.flops / 1e6}
             for i, (spec, f) in enumerate(plan)]
+    if latency is not None:
+        for r, ms in zip(rows, latency([spec for spec, _ in plan])):
+            r["p50_ms"] = ms
     if as_json:
         print(json.dumps({"recipe": recipe.name, "dataset": data.name, "students": rows}, indent=2))
         return 0
@@ -334,12 +353,18 @@ def _print_plan(recipe, data, plan, as_json: bool) -> int:
 
     table = Table(title=f"{recipe.name}: {len(rows)} students on {data.name} "
                   f"({len(data.train)}/{len(data.val)}/{len(data.test)} images)")
-    for col in ("#", "d_model", "depth", "d_state", "patch", "stem", "params", "MACs", "MFLOPs"):
+    cols = ["#", "d_model", "depth", "d_state", "patch", "stem", "params", "MACs", "MFLOPs"]
+    if latency is not None:
+        cols.append(f"p50 ms ({latency.profile.name}{', est.' if latency.profile.estimated else ''})")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["student"]), str(r["d_model"]), str(r["depth"]), str(r["d_state"]),
-                      str(r["patch_size"]), r["stem"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}")
+                      str(r["patch_size"]), r["stem"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}",
+                      *([f"{r['p50_ms']:.4f}"] if latency is not None else []))
     Console().print(table)
+    if latency is not None:
+        Console().print(f"latency table: {latency.path} ({latency.measured} timed now, the rest cached)")
     if recipe.baselines:
         Console().print("baselines (trained from labels): " + ", ".join(
             f"{b.arch} {dict(b.args) or ''}{b.train.epochs} epochs" for b in recipe.baselines))
@@ -528,9 +553,13 @@ def _settle(sel, run: Path, log) -> int:
     with the reason."""
     from edgepkd.measure.pick import NothingFits, write_selection
 
+    from edgepkd.measure.bench import plot_path
+
     if sel.choice is None:
         raise NothingFits(sel.explanation)
-    log(f"picked {sel.explanation}\nselection: {write_selection(run, sel)}")
+    plot = plot_path(run, sel.profile)
+    log(f"picked {sel.explanation}\nselection: {write_selection(run, sel)}" +
+        (f"\nplot: {plot} (accuracy vs p50 on '{sel.profile.name}')" if plot.is_file() else ""))
     return 0
 
 
