@@ -164,10 +164,11 @@ def test_bench_host_prints_table_and_stores_results(run_copy, capsys):
     out = capsys.readouterr().out
     assert "device 'host' (local)" in out and "p90 ms" in out and "tflite-fp32/chain-s1.tflite" in out
     stored = json.loads((run_copy / "bench" / "host.json").read_text())
-    # every TFLite artifact of the run at the host's precisions: 4 fp32 + the int8 one; not the ONNX file
+    # every TFLite artifact of the run at the host's precisions: 5 fp32 (the teacher too) + the int8 one; not ONNX
     assert sorted(stored["results"]) == ["loose-tflite-int8/chain-s2.tflite", "tflite-fp32/chain-s1.tflite",
                                          "tflite-fp32/chain-s2.tflite", "tflite-fp32/ensemble-1-1.tflite",
-                                         "tflite-fp32/ensemble-1-2.tflite"]
+                                         "tflite-fp32/ensemble-1-2.tflite", "tflite-fp32/teacher.tflite"]
+    assert (run_copy / "bench" / "host.png").read_bytes()[:4] == b"\x89PNG"
     for key, r in stored["results"].items():
         target, file = key.split("/")
         entry = manifest(run_copy, target)[file]
@@ -240,7 +241,7 @@ def test_artifact_the_device_cannot_run_is_recorded_and_reported(run_copy, tmp_p
     assert "edgepkd: error: tflite-fp32/ensemble-1-2.tflite cannot run on device 'host'" in err
     assert err.count("edgepkd: error") == 1 and err.strip().count("\n") == 0
     stored = json.loads((run_copy / "bench" / "host.json").read_text())
-    assert len(stored["results"]) == 3 and list(stored["errors"]) == ["tflite-fp32/ensemble-1-2.tflite"]
+    assert len(stored["results"]) == 4 and list(stored["errors"]) == ["tflite-fp32/ensemble-1-2.tflite"]
 
 
 def test_device_without_numpy_is_one_line(run_copy, tmp_path, capsys):
@@ -278,6 +279,12 @@ def estimated(**budget) -> dict:
 
 
 def test_pick_differs_between_budgets_and_explains_nothing_fits(run_copy, tmp_path, capsys):
+    # the students only: the tiny teacher is both the most accurate and the smallest in activations (7.5 KB)
+    path = run_copy / "export" / "tflite-fp32" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["artifacts"] = [e for e in data["artifacts"] if e["model"] != "teacher"]
+    path.write_text(json.dumps(data))
+    (path.parent / "teacher.tflite").unlink()
     fp32 = manifest(run_copy, "tflite-fp32")
     act = {f: runner_module.tflite_activation_bytes((run_copy / "export" / "tflite-fp32" / f).read_bytes())
            for f in fp32}
@@ -323,16 +330,57 @@ def test_pick_differs_between_budgets_and_explains_nothing_fits(run_copy, tmp_pa
     assert "accuracy is binding: the most accurate candidate within the other budgets" in capsys.readouterr().err
 
 
+def test_the_teacher_is_a_candidate_and_pick_says_when_it_wins(run_copy, tmp_path, capsys):
+    folder = devices_dir(tmp_path, roomy=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3))
+    path = run_copy / "export" / "tflite-fp32" / "manifest.json"
+    data = json.loads(path.read_text())
+    for e in data["artifacts"]:  # make the teacher the most accurate, whatever the tiny run reached
+        if e["model"] == "teacher":
+            e["verification"]["accuracy"] = 100.0
+    path.write_text(json.dumps(data))
+    students = [e for e in data["artifacts"] if e["model"] != "teacher"]
+    best_student = max(students, key=lambda e: (e["verification"]["accuracy"], -e["flops"]))
+    assert main(["pick", str(run_copy), "--device", "roomy", "--devices-dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["roomy"]
+    assert sel["choice"]["model"] == "teacher"
+    assert "The teacher itself fits and is the most accurate: no distilled model is needed" in sel["why"]
+    assert f"the best student, {best_student['model']} (tflite-fp32)" in sel["why"] and "picked teacher" in out
+    # a tighter latency budget than the teacher's estimate: a student is chosen, and the teacher says why not
+    teacher_ms = 1e3 * next(e for e in data["artifacts"] if e["model"] == "teacher")["flops"] / 2 / 1e8
+    devices_dir(tmp_path, roomy=estimated(latency_ms=teacher_ms * 0.99, ram_mib=1e3, storage_mib=1e3))
+    assert main(["pick", str(run_copy), "--device", "roomy", "--devices-dir", str(folder)]) == 0
+    capsys.readouterr()
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["roomy"]
+    assert sel["choice"]["model"] != "teacher" and "itself fits" not in sel["why"]
+    verdict = next(c["verdict"] for c in sel["candidates"] if c["model"] == "teacher")
+    assert verdict.startswith("too slow")
+
+
+def test_bench_writes_the_accuracy_vs_latency_plot_and_pick_names_it(run_copy, tmp_path, capsys):
+    folder = devices_dir(tmp_path, roomy=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3))
+    assert main(["pick", str(run_copy), "--device", "roomy", "--devices-dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    png = run_copy / "bench" / "roomy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in out
+    from edgepkd.measure.plot import points
+
+    pts = points(json.loads((run_copy / "bench" / "roomy.json").read_text()))
+    assert {p["model"] for p in pts} >= {"teacher", "chain/s1", "ensemble[1..2]"}
+    assert all(p["estimated"] and p["accuracy"] is not None for p in pts)
+
+
 def test_pick_on_host_benches_what_is_missing_then_reuses_it(run_copy, capsys):
     assert main(["pick", str(run_copy), "--device", "host", "--no-bench"]) == 2
     assert "have no current bench result on device 'host'" in one_line_error(capsys)
     assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST]) == 0
     captured = capsys.readouterr()
-    assert "bench on 'host': 5 candidate(s)" in captured.out
+    assert "bench on 'host': 6 candidate(s)" in captured.out  # the teacher, 2 students, 2 prefixes; 1 int8
     sel = json.loads((run_copy / "selection.json").read_text())["devices"]["host"]
     accuracies = [c["accuracy"] for c in sel["candidates"]]
     assert sel["choice"]["accuracy"] == max(accuracies) and sel["budget"]["latency_p90_ms"] == 1000
-    assert len(sel["candidates"]) == 5 and all(c["verdict"] for c in sel["candidates"])
+    assert len(sel["candidates"]) == 6 and all(c["verdict"] for c in sel["candidates"])
+    assert "teacher" in {c["model"] for c in sel["candidates"]}
     bench_file = (run_copy / "bench" / "host.json").read_bytes()
     assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", "--no-bench"]) == 0
     assert (run_copy / "bench" / "host.json").read_bytes() == bench_file  # nothing measured again
@@ -347,7 +395,8 @@ def test_distill_with_device_goes_from_recipe_to_a_picked_artifact(tmp_path, tin
     run = tmp_path / "runs" / "tiny"
     sel = json.loads((run / "selection.json").read_text())["devices"]["board"]
     assert sel["choice"]["file"].startswith("export/onnx-fp32/") and (run / sel["choice"]["file"]).is_file()
-    assert len(sel["candidates"]) == 4 and sel["mode"] == "estimated"
+    assert len(sel["candidates"]) == 5 and sel["mode"] == "estimated"  # the teacher, 2 students, 2 prefixes
+    assert "teacher" in {c["model"] for c in sel["candidates"]}
     stored = json.loads((run / "bench" / "board.json").read_text())["results"]
     assert all(r["memory"]["activation_bytes"] > 0 for r in stored.values())  # ONNX activations estimated
     out = capsys.readouterr().out

@@ -84,10 +84,13 @@ def test_every_target_exports_verifies_and_describes(name, run_copy, loose_targe
     assert not list(path.parent.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_default_exports_every_student_and_prefix(run_copy, capsys):
+def test_default_exports_the_teacher_every_student_and_prefix(run_copy, capsys):
     assert main(["export", str(run_copy), "--target", "onnx-fp32", "--json"]) == 0
-    files = sorted(e["file"] for e in json.loads(capsys.readouterr().out))
-    assert files == ["chain-s1.onnx", "chain-s2.onnx", "ensemble-1-1.onnx", "ensemble-1-2.onnx"]
+    entries = json.loads(capsys.readouterr().out)
+    files = sorted(e["file"] for e in entries)
+    assert files == ["chain-s1.onnx", "chain-s2.onnx", "ensemble-1-1.onnx", "ensemble-1-2.onnx", "teacher.onnx"]
+    teacher = next(e for e in entries if e["model"] == "teacher")
+    assert teacher["verification"]["passed"] and teacher["macs"] > max(e["macs"] for e in entries if e is not teacher)
 
 
 def test_model_is_repeatable_and_keeps_the_order_given(run_copy, capsys):

@@ -70,10 +70,15 @@ def require_runtime(target: ExportTarget) -> None:
 
 
 def candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> list[Candidate]:
-    """Every student and ensemble prefix (default), or the models named in ``only`` (the teacher included),
+    """The teacher and baselines (when their weights are in the run: a device choice must see what the
+    students compete with), every student and every ensemble prefix (default); or the models named in ``only``,
     by name ('chain/s2') or file stem ('chain-s2'), in that order."""
+    def default(r: dict) -> bool:
+        return r["role"] == "chain" or (r["role"] in ("teacher", "baseline")
+                                        and run.weights_path(r["name"]).is_file())
+
     rows = [Candidate(r["name"], file_stem(r["name"]), [r["name"]], r) for r in metrics["models"]
-            if r["role"] == "chain" or (only and r["name"] in only)]
+            if (only and r["name"] in only) or (not only and default(r))]
     rows += [Candidate(p["name"], file_stem(p["name"]), p["members"], p) for p in metrics["ensemble_prefixes"]]
     if not only:
         return rows

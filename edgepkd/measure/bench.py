@@ -112,8 +112,7 @@ def _check_format(a: Artifact, profile: DeviceProfile) -> None:
 
 
 def _from_folder(folder: Path, profile: DeviceProfile, explicit: bool) -> list[Artifact]:
-    arts = [Artifact(folder / e["file"], e, folder.name, _run_of(folder)) for e in _manifest(folder)
-            if e.get("model") != "teacher"]
+    arts = [Artifact(folder / e["file"], e, folder.name, _run_of(folder)) for e in _manifest(folder)]
     arts = [a for a in arts if a.path.is_file()]
     if explicit:
         for a in arts:
@@ -203,7 +202,9 @@ class BenchStore:
 
     def record(self, a: Artifact, result: dict | None, error: str | None = None) -> None:
         if result is not None:
-            self.data["results"][a.key] = {**result, "target": a.target, "settings": self.settings, "at": now()}
+            self.data["results"][a.key] = {"model": a.entry.get("model"), **result, "target": a.target,
+                                           "export_accuracy": (a.entry.get("verification") or {}).get("accuracy"),
+                                           "settings": self.settings, "at": now()}
             self.data["errors"].pop(a.key, None)
         else:
             self.data["errors"][a.key] = {"error": error, "sha256": a.entry.get("sha256"),
@@ -431,6 +432,7 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
             result = estimate(a, profile)
             store_of(a).record(a, result)
             outcome.results.append((a, result))
+        _plot(stores.values())
         return outcome
     by_run: dict[Path | None, list[Artifact]] = {}
     for a in arts:
@@ -446,7 +448,20 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
         missing = [a.key for a in group if id(a) not in done]
         if missing:
             raise DeviceError(f"device '{profile.name}': the runner returned nothing for {', '.join(missing)}")
+    _plot(stores.values())
     return outcome
+
+
+def _plot(stores) -> None:
+    """bench/<device>.png for every run benched: accuracy against p50 (edgepkd/measure/plot.py)."""
+    from edgepkd.measure.plot import write_device_plot
+
+    for store in stores:
+        write_device_plot(store.path, store.data)
+
+
+def plot_path(run: Path, profile: DeviceProfile) -> Path:
+    return Path(run) / "bench" / f"{profile.name}.png"
 
 
 class _NoStore:

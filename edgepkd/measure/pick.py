@@ -1,7 +1,9 @@
 """``edgepkd pick RUN --device NAME``: the most accurate exported model that fits the device's budgets.
 
-Candidates: every exported chain student and ensemble prefix of the run, at every precision the device uses, in
-the format its runtime runs (``runs/<run>/export/*/manifest.json``). Accuracy is the one verified at export (the
+Candidates: every exported model of the run (chain students, ensemble prefixes, and the teacher and baselines,
+which ``edgepkd export`` exports by default), at every precision the device uses, in the format its runtime runs
+(``runs/<run>/export/*/manifest.json``). When the teacher fits and is the most accurate, pick chooses it and
+says so: no student is hidden behind, and no student is promoted over, the model it was distilled from. Accuracy is the one verified at export (the
 artifact in its runtime, on the test split); latency (p90), RAM and storage come from ``edgepkd bench`` on that
 device (run here for candidates without a current result). The choice is the highest accuracy within every
 budget (ties: lower p90, then fewer bytes); each other candidate is told why it lost (too slow, too big,
@@ -200,6 +202,12 @@ def choose(sel: Selection) -> Selection:
     best.verdict = f"chosen: the most accurate of {len(fitting)} candidate(s) within every budget"
     sel.explanation = (f"{best.label}: {best.accuracy:.2f}% verified accuracy, p90 {_ms(best.p90)} ms, "
                        f"{best.ram / MIB:.2f} MiB RAM, {best.bytes / 1024:.1f} KiB; {sel.limits.describe()}")
+    if not is_student(best):
+        student = next((c for c in fitting if is_student(c)), None)
+        sel.explanation += (f". The {best.artifact.entry.get('model')} itself fits and is the most accurate: no "
+                            "distilled model is needed within these budgets" +
+                            (f"; the best student, {student.label}, reaches {student.accuracy:.2f}% at p90 "
+                             f"{_ms(student.p90)} ms" if student else "; no student fits"))
     for c in fitting[1:]:
         dominator = best if _dominates(best, c) else next((d for d in runnable if _dominates(d, c)), None)
         if dominator is not None:
@@ -209,6 +217,12 @@ def choose(sel: Selection) -> Selection:
         else:
             c.verdict = f"fits, as accurate as the choice but slower or bigger (p90 {_ms(c.p90)} ms)"
     return sel
+
+
+def is_student(c: Candidate) -> bool:
+    """A chain student or an ensemble prefix; not the teacher or a baseline (which pick weighs all the same)."""
+    model = str(c.artifact.entry.get("model", ""))
+    return model.startswith(("chain/", "ensemble["))
 
 
 def candidates(run: Path, profile: DeviceProfile) -> list[Candidate]:
