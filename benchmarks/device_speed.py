@@ -1,0 +1,305 @@
+"""Students against their teacher on the device runtimes, side by side in one run (issue #13).
+
+    python benchmarks/device_speed.py runs/digits [runs/mnist ...] [--data-dir ../shared/data]
+        # writes benchmarks/results/device-speed-<run>.md / .json
+
+For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/) to
+TFLite (fp32, int8-static) and ONNX (fp32, int8); the fp32 targets also with the previous export form of the scan
+(``--before-scan``, default 'torch': the reference's own layout) so that before and after are measured in the
+same run; ``--before-rev REV`` adds the students of the run's recipe at that git revision (random weights, fp32,
+the previous scan form), e.g. the students before issue #13. Every artifact is then timed in its own runtime (ai_edge_litert's interpreter with XNNPACK,
+onnxruntime's CPU EP), 1 thread, batch 1, one standard-normal input, in ``--rounds`` interleaved rounds of
+``--min-seconds`` each: round 1 times every artifact, then round 2 every artifact again, ... so that drift on a
+shared machine hits all of them alike. Reported per artifact: the median of the per-round p50s, p90 over all
+runs, MFLOPs (analytic, metrics.json), effective GFLOP/s (MFLOPs / p50), the ratio to the teacher's p50 in the
+same target, and 'repeat': the slowest round's p50 over the fastest, the noise of every ratio in that row.
+
+Where the time goes:
+  * onnxruntime: session profiling (``SessionOptions.enable_profiling``) over ``--profile-runs`` runs: kernel
+    time per op type per inference, and each type's share of the summed kernel time.
+  * TFLite: ai_edge_litert's Python API exposes no op profiler (TFLite's is in the C++ benchmark_model tool),
+    so per op type we report counts and what runs outside the XNNPACK delegate: the delegate partitions (the
+    DELEGATE nodes) and the ops whose outputs no partition produces, by type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgepkd.compress.export import export_targets  # noqa: E402
+from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
+from edgepkd.measure.runner import OnnxModel, TFLiteModel  # noqa: E402
+from edgepkd.report import load_metrics  # noqa: E402
+
+TARGETS = ["tflite-fp32", "tflite-int8-static", "onnx-fp32", "onnx-int8"]
+MODELS = {"tflite": TFLiteModel, "onnx": OnnxModel}
+
+
+def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: str | None) -> list[dict]:
+    """Export ``models`` for every target (and the fp32 targets with ``before_scan``); manifest entries with
+    the target's base name and scan form added."""
+    registry = load_targets()
+    variants = []
+    for name in TARGETS:
+        base = registry.get(name)
+        scans = [base.scan] + ([before_scan] if before_scan and base.precision == "fp32" else [])
+        for scan in scans:
+            t = dataclasses.replace(base, name=f"speed-{name}" + ("" if scan == base.scan else f"-{scan}"), scan=scan)
+            t.verify = VerifyConfig(max_abs_diff=1e9, max_accuracy_drop=100.0)  # report every number, do not gate
+            variants.append((t, name, scan))
+    entries = []
+    for t, name, scan in variants:
+        written, _ = export_targets(str(run), [t], models=models, data_dir=data_dir,
+                                    log=lambda line: print(line, file=sys.stderr) if ": exporting " in line else None)
+        for e in written:
+            entries.append({**e, "base_target": name, "scan": scan, "format": t.format,
+                            "path": str(run / "export" / t.name / e["file"])})
+    return entries
+
+
+def export_before(run: Path, rev: str, scan: str) -> list[dict]:
+    """The students of the run's recipe as it was at git revision ``rev`` (random weights: latency does not
+    depend on them), exported to tflite-fp32 and onnx-fp32 with scan form ``scan``: the 'before' rows."""
+    import importlib
+    import subprocess
+
+    import torch
+    import yaml
+
+    from edgepkd.compress.export import EXPORTERS
+    from edgepkd.config import to_dict
+    from edgepkd.measure.flops import count_flops
+    from edgepkd.models import build_student, export_mode
+    from edgepkd.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(run / "recipe.yaml")
+    root = Path(__file__).resolve().parents[1]
+    old = subprocess.run(["git", "show", f"{rev}:recipes/{recipe.name}.yaml"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    from edgepkd.config import from_dict
+
+    sizes = from_dict(Recipe, yaml.safe_load(old)).students.sizes
+    meta = json.loads((run / "metrics.json").read_text())["dataset"]
+    c, h, _ = meta["input_shape"]
+    registry = load_targets()
+    entries = []
+    for name in ("tflite-fp32", "onnx-fp32"):
+        target = dataclasses.replace(registry.get(name), scan=scan)
+        exporter = importlib.import_module(EXPORTERS[target.format])
+        folder = run / "export" / f"speed-before-{rev}-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, spec in enumerate(sizes):
+            torch.manual_seed(0)
+            net = build_student(to_dict(spec), len(meta["classes"]), c, h).eval()
+            f = count_flops(net, (c, h, h))
+            path = folder / f"s{i + 1}{target.suffix}"
+            with export_mode(net, scan=scan):
+                exporter.export(net, torch.randn(1, c, h, h), path, target, lambda: iter(()),
+                                {"model": f"before/s{i + 1}"})
+            entries.append({"model": f"before/s{i + 1}", "file": path.name, "path": str(path), "format": target.format,
+                            "precision": "fp32", "base_target": name, "scan": scan, "flops": f.flops,
+                            "input": {"shape": [1, c, h, h]}, "verification": {"accuracy": None},
+                            "spec": to_dict(spec)})
+    return entries
+
+
+def time_interleaved(entries: list[dict], rounds: int, min_seconds: float, min_runs: int = 100) -> None:
+    """Adds p50_ms (median of per-round p50s), p90_ms (all runs), repeat (max/min per-round p50) to each entry."""
+    loaded = []
+    for e in entries:
+        m = MODELS[e["format"]](e["path"], 1, "auto")
+        x = m.prepare(np.random.default_rng(0).standard_normal(e["input"]["shape"]).astype(np.float32))
+        for _ in range(20):
+            m.run(x)
+        loaded.append((e, m, x, []))
+    for _ in range(rounds):
+        for e, m, x, per_round in loaded:
+            times, start = [], time.perf_counter()
+            while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+                t0 = time.perf_counter()
+                m.run(x)
+                times.append(time.perf_counter() - t0)
+            per_round.append(times)
+    for e, _, _, per_round in loaded:
+        p50s = [1e3 * statistics.median(t) for t in per_round]
+        pooled = np.array([v for t in per_round for v in t]) * 1e3
+        e.update(p50_ms=statistics.median(p50s), p90_ms=float(np.percentile(pooled, 90)),
+                 repeat=max(p50s) / min(p50s), runs=len(pooled))
+
+
+def onnx_profile(path: str, runs: int) -> dict:
+    """Kernel microseconds per inference by op type, from onnxruntime's session profiler (1 thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        inp = s.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in inp.shape])
+        for _ in range(runs):
+            s.run(None, {inp.name: x.astype(np.float32)})
+        events = json.loads(Path(s.end_profiling()).read_text())
+    per_type: dict[str, float] = collections.defaultdict(float)
+    nodes: dict[str, set] = collections.defaultdict(set)
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            op = ev["args"].get("op_name", "?")
+            per_type[op] += ev["dur"] / runs
+            nodes[op].add(ev["name"])
+    total = sum(per_type.values())
+    return {op: {"us": us, "share": us / total, "nodes": len(nodes[op])}
+            for op, us in sorted(per_type.items(), key=lambda kv: -kv[1])}
+
+
+def tflite_partitions(path: str) -> dict:
+    """Op counts by type, XNNPACK delegate partitions, and the ops that run outside the delegate."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=path, num_threads=1)
+    it.allocate_tensors()
+    ops = it._get_ops_details()
+    delegates = [o for o in ops if o["op_name"] == "DELEGATE"]
+    original = [o for o in ops if o["op_name"] != "DELEGATE"]
+    delegate_out = {int(t) for o in delegates for t in o["outputs"]}
+    delegate_in = {int(t) for o in delegates for t in o["inputs"]}
+    producer = {int(t): o for o in original for t in o["outputs"]}
+    graph_out = {d["index"] for d in it.get_output_details()}
+    # an op runs outside the delegate iff a tensor it makes is consumed outside (a partition's input or the
+    # graph's output) without being a partition's output; walk back from those
+    outside: dict[int, dict] = {}
+    stack = [producer[t] for t in delegate_in | graph_out if t in producer and t not in delegate_out]
+    while stack:
+        o = stack.pop()
+        if o["index"] in outside:
+            continue
+        outside[o["index"]] = o
+        stack += [producer[int(t)] for t in o["inputs"] if int(t) in producer and int(t) not in delegate_out]
+    return {"ops": len(original), "partitions": len(delegates),
+            "by_type": dict(collections.Counter(o["op_name"] for o in original).most_common()),
+            "outside_delegate": dict(collections.Counter(o["op_name"] for o in outside.values()).most_common())}
+
+
+def bench_run(run: Path, args) -> dict:
+    metrics = load_metrics(run)
+    rows = {r["name"]: r for r in metrics["models"]}
+    models = ["teacher"] + [r["name"] for r in metrics["models"] if r["role"] == "chain"]
+    entries = export_all(run, models, args.before_scan, args.data_dir)
+    if args.before_rev:
+        entries += export_before(run, args.before_rev, args.before_scan or "unrolled")
+    time_interleaved(entries, args.rounds, args.min_seconds)
+    teacher = {(e["base_target"], e["scan"]): e for e in entries if e["model"] == "teacher"}
+    for e in entries:
+        e["mflops"] = (rows[e["model"]]["flops"] if e["model"] in rows else e["flops"]) / 1e6
+        e["gflops_per_s"] = e["mflops"] / e["p50_ms"]
+        t = teacher.get((e["base_target"], e["scan"])) or next(v for (b, _), v in teacher.items()
+                                                               if b == e["base_target"])
+        e["vs_teacher"] = e["p50_ms"] / t["p50_ms"]
+        e["eff_vs_teacher"] = e["gflops_per_s"] / t["gflops_per_s"]
+        e["acc"] = e["verification"].get("accuracy")
+        if e["precision"] == "fp32" and e["format"] == "onnx":
+            e["profile"] = onnx_profile(e["path"], args.profile_runs)
+        if e["format"] == "tflite":
+            e["partitions"] = tflite_partitions(e["path"])
+    return {"run": run.name, "teacher_arch": metrics.get("teacher", {}).get("arch") if isinstance(
+        metrics.get("teacher"), dict) else None, "rows": [{k: v for k, v in e.items() if k not in (
+            "preprocessing", "classes", "provenance", "input", "output", "verification")} for e in entries]}
+
+
+def _ops(d: dict, n: int = 5) -> str:
+    return ", ".join(f"{k} {v}" for k, v in list(d.items())[:n]) or "none"
+
+
+def render(result: dict, env: dict, command: str, args) -> str:
+    rows = result["rows"]
+    lines = [f"# Device speed: {result['run']}", "",
+             f"`{command}` on {env['machine']} ({env['cpu']}), {env['cpus']} CPUs; onnxruntime "
+             f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}. 1 thread, batch 1; {args.rounds} "
+             f"interleaved rounds of >= {args.min_seconds} s per artifact. p50: median of the per-round p50s; "
+             "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
+             "'eff.': GFLOP/s over the teacher's in the same target. Scan 'unrolled' is the export form, "
+             f"'{args.before_scan}' the previous one (before).", ""]
+    for target in TARGETS:
+        sel = [r for r in rows if r["base_target"] == target]
+        if not sel:
+            continue
+        lines += [f"## {target}", "", "| model | scan | MFLOPs | p50 ms | p90 ms | repeat | GFLOP/s | p50 / teacher "
+                  "| eff. / teacher | acc (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(sel, key=lambda r: (r["model"].startswith("before/"), r["scan"] != "unrolled",
+                                            r["model"] != "teacher", r["model"])):
+            lines.append(f"| {r['model']} | {r['scan']} | {r['mflops']:.3f} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | "
+                         f"{r['repeat']:.2f} | {r['gflops_per_s']:.1f} | {r['vs_teacher']:.2f} | "
+                         f"{r['eff_vs_teacher']:.2f} | {'-' if r['acc'] is None else format(r['acc'], '.2f')} |")
+        lines.append("")
+    lines += ["## Where the time goes: onnxruntime kernel time per op type (µs per inference, share)", "",
+              "| model | scan | nodes | top op types |", "|---|---|---:|---|"]
+    for r in rows:
+        if "profile" in r:
+            top = ", ".join(f"{op} {v['us']:.1f} ({100 * v['share']:.0f} %, {v['nodes']} nodes)"
+                            for op, v in list(r["profile"].items())[:5])
+            lines.append(f"| {r['model']} | {r['scan']} | {sum(v['nodes'] for v in r['profile'].values())} | "
+                         f"{top} |")
+    lines += ["", "## TFLite: ops, XNNPACK partitions, ops outside the delegate", "",
+              "| model | target | scan | ops | partitions | outside XNNPACK | op types |", "|---|---|---|---:|---:|---|---|"]
+    for r in rows:
+        if "partitions" in r:
+            p = r["partitions"]
+            lines.append(f"| {r['model']} | {r['base_target']} | {r['scan']} | {p['ops']} | {p['partitions']} | "
+                         f"{_ops(p['outside_delegate'])} | {_ops(p['by_type'], 6)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=2.0, help="per artifact per round")
+    ap.add_argument("--profile-runs", type=int, default=300)
+    ap.add_argument("--before-scan", default="torch", help="the fp32 targets also with this scan ('' for none)")
+    ap.add_argument("--before-rev", help="also time the students of the run's recipe at this git revision (random "
+                    "weights, fp32, --before-scan): the previous students, in the same rounds")
+    args = ap.parse_args()
+    import ai_edge_litert
+    import onnxruntime
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    env = {"machine": f"{platform.system()} {platform.machine()}", "cpu": cpu, "cpus": os.cpu_count(),
+           "onnxruntime": onnxruntime.__version__, "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),
+           "load_average": os.getloadavg()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for run in map(Path, args.runs):
+        result = bench_run(run, args)
+        env["load_average_after"] = os.getloadavg()
+        command = (f"python benchmarks/device_speed.py {run}" + (f" --data-dir {args.data_dir}" if args.data_dir
+                   else "") + f" --rounds {args.rounds} --min-seconds {args.min_seconds}" +
+                   (f" --before-rev {args.before_rev}" if args.before_rev else ""))
+        (out / f"device-speed-{run.name}.json").write_text(json.dumps({"environment": env, "command": command,
+                                                                       **result}, indent=2) + "\n")
+        (out / f"device-speed-{run.name}.md").write_text(render(result, env, command, args))
+        print(render(result, env, command, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
