@@ -17,6 +17,7 @@ EXAMPLES = """\
 examples:
   edgepkd demo                                   digits teacher -> 4 Mamba students, chain + ensemble (~2 min)
   edgepkd distill recipes/mnist.yaml --data-dir ../shared/data
+  edgepkd distill mnist --data-dir DIR           a shipped recipe by name (edgepkd list recipes)
   edgepkd distill recipes/mnist.yaml --set distill.train.epochs=2 --set teacher.train.epochs=1 --name mnist-quick
   edgepkd distill recipes/cifar10.yaml --dry-run  students and their FLOPs, without training
   edgepkd distill recipes/mnist.yaml --resume    continue an interrupted run from its last finished epoch
@@ -27,7 +28,7 @@ examples:
   edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets
   edgepkd distill recipes/digits.yaml --device host   recipe -> exported, benchmarked, picked artifact
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
-  edgepkd list teachers
+  edgepkd list recipes                           the shipped recipes (a wheel carries them)
 
 exit codes: 0 ok, 1 failure, 2 bad input (recipe, data, run directory), 130 interrupted (resumable)
 """
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(resolved), weights/*.safetensors, metrics.json, report.md, accuracy_vs_mflops.png.\n"
                        "Trains on cuda:0 when torch sees a GPU (torchrun: one GPU per process), else on the CPU.\n"
                        "Ctrl-C leaves a checkpoint; --resume continues from the last finished epoch.")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see recipes/)")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a shipped recipe's name (e.g. mnist; "
+                   "see edgepkd list recipes)")
     _add_run_args(p)
 
     p = sub.add_parser("export", help="export a run's students to ONNX / TFLite / PyTorch, quantized and verified",
@@ -177,10 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rewrite RUN/report.md and RUN/accuracy_vs_mflops.png from RUN/metrics.json.")
     p.add_argument("run", metavar="RUN", help="run directory")
 
-    p = sub.add_parser("list", help="list registered teachers, students, datasets, scan backends",
-                       description="List registered names: teachers, datasets and scan backends as a recipe uses "
-                       "them; students are presets for Python use (edgepkd.models.STUDENTS.get(name)(...)).")
-    p.add_argument("kind", choices=["teachers", "students", "datasets", "scan-backends"])
+    p = sub.add_parser("list", help="list the shipped recipes and registered teachers, students, datasets, scan "
+                       "backends",
+                       description="List the shipped recipes (name and file: edgepkd distill NAME runs one) and "
+                       "registered names: teachers, datasets and scan backends as a recipe uses them; students "
+                       "are presets for Python use (edgepkd.models.STUDENTS.get(name)(...)).")
+    p.add_argument("kind", choices=["recipes", "teachers", "students", "datasets", "scan-backends"])
     return parser
 
 
@@ -218,6 +222,13 @@ def cmd_distill(args) -> int:
     return _distill(args.recipe, args)
 
 
+def _load_recipe(recipe: str | None, overrides: list[str]):
+    """RECIPE of ``distill`` (a file or a shipped recipe's name; None: the demo) with its ``--set`` overrides."""
+    from edgepkd.recipe import load_recipe, resolve_recipe
+
+    return load_recipe(None if recipe is None else resolve_recipe(recipe), overrides)
+
+
 def _environment(scan_backend: str, device: str) -> dict:
     import platform
 
@@ -233,14 +244,13 @@ def _distill(recipe_path: str | None, args) -> int:
     import torch
 
     from edgepkd.distill import distributed
-    from edgepkd.recipe import load_recipe
 
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc: {args.nproc}: give at least 1 process")
     if args.device:
         _device_profile(args.device, args.devices_dir)  # an unknown or malformed profile fails before training
     if args.nproc and args.nproc > 1 and not args.dry_run:
-        distributed.check_batch_sizes(load_recipe(recipe_path, args.set), args.nproc)  # before N processes start
+        distributed.check_batch_sizes(_load_recipe(recipe_path, args.set), args.nproc)  # before N processes start
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return distributed.run_rank(lambda dist: _distill_rank(recipe_path, args, dist), device)
@@ -255,11 +265,10 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
     from edgepkd.models.scan import resolve_backend
     from edgepkd.progress import RichReporter
-    from edgepkd.recipe import load_recipe
     from edgepkd.report import FLOP_CONVENTION, write_report
     from edgepkd.rundir import RunDir
 
-    recipe = dist.agree(lambda: load_recipe(recipe_path, args.set))
+    recipe = dist.agree(lambda: _load_recipe(recipe_path, args.set))
     dist.agree(lambda: check_batch_sizes(recipe, dist.world_size if dist.distributed else args.nproc or 1))
     backend = resolve_backend(recipe.scan_backend, dist.device)
     data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, args.data_dir), local_first=True)
@@ -546,6 +555,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
+    if args.kind == "recipes":
+        from edgepkd.recipe import builtin_recipes
+
+        recipes = builtin_recipes()
+        width = max(map(len, recipes))
+        print("\n".join(f"{name:<{width}}  {path}" for name, path in recipes.items()))
+        return 0
     if args.kind == "teachers":
         from edgepkd.models import TEACHERS as reg
     elif args.kind == "students":
