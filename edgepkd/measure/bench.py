@@ -15,12 +15,15 @@ How a device is reached is its profile's ``connect``:
   * ``none``: estimated, never run: latency = (FLOPs / 2) / the profile's calibrated MAC/s, RAM = the sum of
     the non-constant tensors (an upper bound on the activation memory), storage = the file's bytes.
 
+Every artifact is checked against its manifest entry (size and sha256) before anything runs or is written: a
+truncated or changed file stops the command with one line naming it (re-export it), and earlier results stay.
 Results are written after each artifact (to a temporary name, then renamed): a failure leaves earlier results.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import shlex
 import shutil
@@ -157,9 +160,32 @@ def resolve(paths: list[str], profile: DeviceProfile) -> list[Artifact]:
     return list(found.values())
 
 
+def check_artifact(a: Artifact) -> None:
+    """``a`` is the file its manifest entry describes (same size and sha256), else a one-line RunError naming the
+    file and the export that rewrites it. bench and pick call this before running or choosing anything."""
+    from edgepkd.measure.runner import integrity_problem
+
+    h = hashlib.sha256()
+    try:
+        with open(a.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        size = a.path.stat().st_size
+    except OSError as e:
+        raise RunError(f"{a.path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    problem = integrity_problem(size, h.hexdigest(), a.entry)
+    if problem:
+        model = a.entry.get("model")
+        again = (f"edgepkd export {a.run} --target {a.target}" + (f" --model '{model}'" if model else "")
+                 if a.run is not None else f"edgepkd export RUN --target {a.target}")
+        raise RunError(f"{a.path}: {problem.replace('manifest.json', str(a.path.parent / 'manifest.json'), 1)}; "
+                       f"re-export it: {again}")
+
+
 # ----------------------------------------------------------------------------------------------- test images
-def test_images(run: Path, data_dir: str | None) -> Path:
-    """The run's test split as uint8 images (N, C, H, W) + labels, written once to runs/<run>/bench/."""
+def test_images(run: Path, data_dir: str | None, log=print) -> Path:
+    """The run's test split as uint8 images (N, C, H, W) + labels, written once to runs/<run>/bench/; the data is
+    read where the run read it (unless ``data_dir`` or $EDGEPKD_DATA say otherwise)."""
     path = run / "bench" / "test-images.npz"
     if path.is_file():
         return path
@@ -287,7 +313,8 @@ def _handle_line(line: str, by_path: dict[str, Artifact], store_of, outcome: Out
     if a is None:
         return
     if "error" in obj:
-        if obj.get("kind") == "environment":
+        # integrity: the file matched its manifest here, so the runner's copy differs (a failed copy)
+        if obj.get("kind") in ("environment", "integrity"):
             raise DeviceError(f"device '{device}': {obj['error']}")
         store_of(a).record(a, None, obj["error"])
         outcome.errors.append((a, obj["error"]))
@@ -424,6 +451,8 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
             stores[a.run] = BenchStore(a.run, profile, opts)
         return stores[a.run]
 
+    for a in arts:
+        check_artifact(a)  # a truncated or changed file fails before anything runs or is written
     for a in arts:
         store_of(a)  # an unreadable bench file fails before anything runs
     if profile.estimated:
