@@ -55,8 +55,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "machines run torchrun yourself (see the README)")
 
 
-def _add_data_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+def _add_data_dir(p: argparse.ArgumentParser, of_run: bool = False) -> None:
+    recorded = ("where the run read them (recorded in RUN/state.json)" if of_run else
+                "with --resume where the run read them")
+    p.add_argument("--data-dir", help=f"where datasets live (default: $EDGEPKD_DATA, else {recorded}, else "
+                   "~/.cache/edgepkd/data)")
 
 
 def _add_devices_dir(p: argparse.ArgumentParser) -> None:
@@ -72,7 +75,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    "images (no top-1)")
     p.add_argument("--min-runs", type=int, default=50, metavar="N", help="timed runs, at least (default 50)")
     p.add_argument("--min-seconds", type=float, default=1.0, metavar="S", help="timed seconds, at least (default 1)")
-    _add_data_dir(p)
+    _add_data_dir(p, of_run=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when any was skipped")
     p.add_argument("--no-verify", action="store_true", help="skip verification (says loudly that nothing was "
                    "checked; the manifest records it)")
-    _add_data_dir(p)
+    _add_data_dir(p, of_run=True)
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
 
     p = sub.add_parser("bench", help="time exported models on a device, in its runtime (or estimate them)",
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a GPU run checked on a CPU) float differences flip borderline images, so 0.1 points "
                        "are allowed unless --tolerance says otherwise.")
     p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/digits")
-    _add_data_dir(p)
+    _add_data_dir(p, of_run=True)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to evaluate (auto: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--tolerance", type=float, metavar="POINTS",
@@ -260,7 +263,7 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     """One process's part of ``distill``: all of it in a single process; under torchrun rank 0 writes the run
     directory and prints, every rank trains its share (errors before training are agreed and printed once)."""
     from edgepkd.config import to_dict
-    from edgepkd.data import load_dataset
+    from edgepkd.data import data_location, load_dataset, reads_files
     from edgepkd.distill.distributed import check_batch_sizes
     from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
     from edgepkd.models.scan import resolve_backend
@@ -271,7 +274,13 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     recipe = dist.agree(lambda: _load_recipe(recipe_path, args.set))
     dist.agree(lambda: check_batch_sizes(recipe, dist.world_size if dist.distributed else args.nproc or 1))
     backend = resolve_backend(recipe.scan_backend, dist.device)
-    data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, args.data_dir), local_first=True)
+    run = RunDir(Path(args.out) / (args.name or recipe.name))
+    # where the dataset's files are; --resume: where the run read them, unless --data-dir / $EDGEPKD_DATA say
+    root, why = dist.agree(lambda: data_location(args.data_dir, run if args.resume else None))
+    files = reads_files(recipe.data)
+    data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, str(root)), local_first=True)
+    if files and dist.is_main and not args.quiet:
+        print(f"data: {root} ({why})", file=sys.stderr)  # once found: a failure is the error's one line
 
     def check():
         try:
@@ -283,8 +292,12 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     if args.dry_run:
         return _print_plan(recipe, data, plan, args.json) if dist.is_main else 0
 
-    run = RunDir(Path(args.out) / (args.name or recipe.name))
-    dist.agree(lambda: run.create(to_dict(recipe), resume=args.resume) if dist.is_main else None)
+    def create():
+        run.create(to_dict(recipe), resume=args.resume)
+        if files:  # evaluate, export, bench and pick read the data there by default
+            run.record_data_dir(root)
+
+    dist.agree(lambda: create() if dist.is_main else None)
     dist.agree(lambda: dist.is_main or run.recipe_path.is_file() or _unseen(run, dist))
     reporter = None if args.quiet or not dist.is_main else RichReporter()
     t0 = time.perf_counter()
@@ -371,7 +384,7 @@ def _print_summary(metrics: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from edgepkd.data import load_dataset
+    from edgepkd.data import load_run_dataset
     from edgepkd.distill.trainer import accuracy, eval_mode, predict
     from edgepkd.models import load_model, set_scan_backend
     from edgepkd.recipe import load_recipe
@@ -396,7 +409,8 @@ def cmd_evaluate(args) -> int:
     if missing and not args.skip_missing:
         raise RunError(f"{run.path}: weights missing for {', '.join(missing)} "
                        f"(expected {run.weights_path(missing[0])}); --skip-missing evaluates the others")
-    data = load_dataset(recipe.data, recipe.seed, args.data_dir)
+    data = load_run_dataset(run, recipe, args.data_dir, log=print if not args.json else
+                            lambda *a: print(*a, file=sys.stderr))
     results, worst = [], 0.0
     logits = {}
     for row in metrics["models"]:

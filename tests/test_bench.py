@@ -528,3 +528,51 @@ def test_tflite_runtime_214_venv_matches_the_manifest(run_copy, tmp_path, capsys
         print(key, r["accuracy"]["top1"], entry["verification"]["accuracy"])
         assert r["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"])
     assert folder.is_dir()
+
+
+# ------------------------------------------------------------------------------------- runs remember their data
+@pytest.mark.data
+def test_a_data_backed_run_remembers_where_its_data_is(tmp_path, monkeypatch, capsys):
+    """An MNIST run made with --data-dir records the location; export, bench, pick and evaluate then read the data
+    there without --data-dir (and say so), while --data-dir and $EDGEPKD_DATA still override it."""
+    from conftest import TINY_RECIPE, data_dir
+
+    root = data_dir()
+    if root is None or not (root / "MNIST" / "raw").is_dir():
+        pytest.skip("needs MNIST under $EDGEPKD_DATA (MNIST/raw in torchvision's layout, as ../shared/data)")
+    monkeypatch.delenv("EDGEPKD_DATA")
+    monkeypatch.chdir(tmp_path)  # nothing under ./ or ~/.cache/edgepkd/data is what finds it
+    recipe = {**TINY_RECIPE, "name": "mnist-tiny",
+              "data": {"dataset": "mnist", "train_limit": 600, "download": False},
+              "students": {"sizes": [{"d_model": 16, "depth": 1, "d_state": 4, "patch_size": 7},
+                                     {"d_model": 8, "depth": 1, "d_state": 2, "patch_size": 7}]}}
+    (tmp_path / "mnist-tiny.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["distill", "mnist-tiny.yaml", "--data-dir", str(root), "--out", "runs", "--set",
+                 "teacher.train.epochs=1", "--set", "distill.train.epochs=1"]) == 0
+    assert f"data: {root} (--data-dir)" in capsys.readouterr().err
+    run = tmp_path / "runs" / "mnist-tiny"
+    assert json.loads((run / "state.json").read_text())["data_dir"] == str(root.absolute())
+    recorded = f"data: {root.absolute()} (recorded by the run in {Path('runs/mnist-tiny/state.json')}"
+
+    assert main(["export", "runs/mnist-tiny", "--target", "tflite-fp32", "--model", "chain/s2"]) == 0
+    assert recorded in capsys.readouterr().out
+    assert main(["bench", "runs/mnist-tiny", "--device", "host", *FAST]) == 0
+    assert recorded in capsys.readouterr().out
+    (result,) = json.loads((run / "bench" / "host.json").read_text())["results"].values()
+    assert result["accuracy"]["images"] == 10000  # MNIST's test split, read from the recorded location
+    assert result["accuracy"]["top1"] == pytest.approx(
+        manifest(run, "tflite-fp32")["chain-s2.tflite"]["verification"]["accuracy"])
+    shutil.rmtree(run / "bench")
+    assert main(["pick", "runs/mnist-tiny", "--device", "host", "--latency-ms", "1000", *FAST]) == 0
+    assert recorded in capsys.readouterr().out
+    assert json.loads((run / "selection.json").read_text())["devices"]["host"]["choice"]["model"] == "chain/s2"
+    assert main(["evaluate", "runs/mnist-tiny"]) == 0
+    assert recorded in capsys.readouterr().out
+
+    nowhere = tmp_path / "nowhere"
+    assert main(["evaluate", "runs/mnist-tiny", "--data-dir", str(nowhere)]) == 2  # --data-dir overrides it
+    assert f"MNIST not found: put {nowhere}/MNIST/raw/" in one_line_error(capsys)
+    monkeypatch.setenv("EDGEPKD_DATA", str(nowhere))                                # and so does $EDGEPKD_DATA
+    assert main(["export", "runs/mnist-tiny", "--target", "tflite-fp32", "--model", "chain/s2"]) == 2
+    assert f"MNIST not found: put {nowhere}/MNIST/raw/" in one_line_error(capsys)
+    assert (run / "export" / "tflite-fp32" / "chain-s2.tflite").is_file()  # the earlier export is intact

@@ -38,7 +38,7 @@ import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.errors import ConfigError, EdgepkdError, RunError
 from edgepkd.measure.devices import MIB, DeviceProfile
-from edgepkd.rundir import atomic_write_bytes, atomic_write_json, read_json
+from edgepkd.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json
 
 RUNNER = Path(__file__).with_name("runner.py")
 
@@ -193,11 +193,11 @@ def test_images(run: Path, data_dir: str | None, log=print) -> Path:
 
     import numpy as np
 
-    from edgepkd.data import load_dataset
+    from edgepkd.data import load_run_dataset
     from edgepkd.recipe import load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
-    test = load_dataset(recipe.data, recipe.seed, data_dir).test
+    test = load_run_dataset(RunDir(run), recipe, data_dir, log).test
     buf = io.BytesIO()
     np.savez(buf, images=test.x.numpy(), labels=test.y.numpy())
     atomic_write_bytes(path, buf.getvalue())
@@ -466,7 +466,7 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
         by_run.setdefault(a.run, []).append(a)
     local = profile.connect == "local"
     for run, group in by_run.items():
-        images = test_images(run, opts.data_dir) if opts.images and run is not None else None
+        images = test_images(run, opts.data_dir, log) if opts.images and run is not None else None
         # the runner names each result by the path it was given: local paths, or <target>/<file> on the device
         by_path = {(str(a.path) if local else a.key): a for a in group}
         handle = lambda line: _handle_line(line, by_path, store_of, outcome, log, profile.name)  # noqa: E731
