@@ -568,6 +568,9 @@ def test_a_data_backed_run_remembers_where_its_data_is(tmp_path, monkeypatch, ca
     assert json.loads((run / "selection.json").read_text())["devices"]["host"]["choice"]["model"] == "chain/s2"
     assert main(["evaluate", "runs/mnist-tiny"]) == 0
     assert recorded in capsys.readouterr().out
+    assert main(["distill", "mnist-tiny.yaml", "--out", "runs", "--resume", "--set", "teacher.train.epochs=1",
+                 "--set", "distill.train.epochs=1"]) == 0  # every stage finished: reloaded, evaluated again
+    assert recorded in capsys.readouterr().err
 
     nowhere = tmp_path / "nowhere"
     assert main(["evaluate", "runs/mnist-tiny", "--data-dir", str(nowhere)]) == 2  # --data-dir overrides it
