@@ -29,7 +29,6 @@ from edgepkd.rundir import RunDir
 
 DATASETS: Registry[Callable] = Registry("dataset")
 FILE_DATASETS = ("mnist", "cifar10", "imagefolder")   # the datasets read from files under the data location
-DEFAULT_ROOT = Path.home() / ".cache" / "edgepkd" / "data"
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte"]
 
@@ -84,7 +83,7 @@ def data_location(data_dir: str | os.PathLike | None = None, run: RunDir | None 
     recorded = run.recorded_data_dir() if run is not None else None
     if recorded:
         return Path(recorded), f"recorded by the run in {run.state_path}; --data-dir or $EDGEPKD_DATA override it"
-    return DEFAULT_ROOT, "the default; --data-dir or $EDGEPKD_DATA choose another"
+    return Path.home() / ".cache" / "edgepkd" / "data", "the default; --data-dir or $EDGEPKD_DATA choose another"
 
 
 def data_root(data_dir: str | os.PathLike | None) -> Path:
