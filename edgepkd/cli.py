@@ -17,6 +17,7 @@ EXAMPLES = """\
 examples:
   edgepkd demo                                   digits teacher -> 4 Mamba students, chain + ensemble (~2 min)
   edgepkd distill recipes/mnist.yaml --data-dir ../shared/data
+  edgepkd distill mnist --data-dir DIR           a shipped recipe by name (edgepkd list recipes)
   edgepkd distill recipes/mnist.yaml --set distill.train.epochs=2 --set teacher.train.epochs=1 --name mnist-quick
   edgepkd distill recipes/cifar10.yaml --dry-run  students and their FLOPs, without training
   edgepkd distill recipes/mnist.yaml --resume    continue an interrupted run from its last finished epoch
@@ -27,7 +28,7 @@ examples:
   edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets
   edgepkd distill recipes/digits.yaml --device host   recipe -> exported, benchmarked, picked artifact
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
-  edgepkd list teachers
+  edgepkd list recipes                           the shipped recipes (a wheel carries them)
 
 exit codes: 0 ok, 1 failure, 2 bad input (recipe, data, run directory), 130 interrupted (resumable)
 """
@@ -54,8 +55,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "machines run torchrun yourself (see the README)")
 
 
-def _add_data_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
+def _add_data_dir(p: argparse.ArgumentParser, of_run: bool = False) -> None:
+    recorded = ("where the run read them (recorded in RUN/state.json)" if of_run else
+                "with --resume where the run read them")
+    p.add_argument("--data-dir", help=f"where datasets live (default: $EDGEPKD_DATA, else {recorded}, else "
+                   "~/.cache/edgepkd/data)")
 
 
 def _add_devices_dir(p: argparse.ArgumentParser) -> None:
@@ -71,7 +75,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    "images (no top-1)")
     p.add_argument("--min-runs", type=int, default=50, metavar="N", help="timed runs, at least (default 50)")
     p.add_argument("--min-seconds", type=float, default=1.0, metavar="S", help="timed seconds, at least (default 1)")
-    _add_data_dir(p)
+    _add_data_dir(p, of_run=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(resolved), weights/*.safetensors, metrics.json, report.md, accuracy_vs_mflops.png.\n"
                        "Trains on cuda:0 when torch sees a GPU (torchrun: one GPU per process), else on the CPU.\n"
                        "Ctrl-C leaves a checkpoint; --resume continues from the last finished epoch.")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see recipes/)")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a shipped recipe's name (e.g. mnist; "
+                   "see edgepkd list recipes)")
     _add_run_args(p)
 
     p = sub.add_parser("export", help="export a run's students to ONNX / TFLite / PyTorch, quantized and verified",
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when any was skipped")
     p.add_argument("--no-verify", action="store_true", help="skip verification (says loudly that nothing was "
                    "checked; the manifest records it)")
-    _add_data_dir(p)
+    _add_data_dir(p, of_run=True)
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
 
     p = sub.add_parser("bench", help="time exported models on a device, in its runtime (or estimate them)",
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a GPU run checked on a CPU) float differences flip borderline images, so 0.1 points "
                        "are allowed unless --tolerance says otherwise.")
     p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/digits")
-    _add_data_dir(p)
+    _add_data_dir(p, of_run=True)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to evaluate (auto: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--tolerance", type=float, metavar="POINTS",
@@ -177,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rewrite RUN/report.md and RUN/accuracy_vs_mflops.png from RUN/metrics.json.")
     p.add_argument("run", metavar="RUN", help="run directory")
 
-    p = sub.add_parser("list", help="list registered teachers, students, datasets, scan backends",
-                       description="List registered names: teachers, datasets and scan backends as a recipe uses "
-                       "them; students are presets for Python use (edgepkd.models.STUDENTS.get(name)(...)).")
-    p.add_argument("kind", choices=["teachers", "students", "datasets", "scan-backends"])
+    p = sub.add_parser("list", help="list the shipped recipes and registered teachers, students, datasets, scan "
+                       "backends",
+                       description="List the shipped recipes (name and file: edgepkd distill NAME runs one) and "
+                       "registered names: teachers, datasets and scan backends as a recipe uses them; students "
+                       "are presets for Python use (edgepkd.models.STUDENTS.get(name)(...)).")
+    p.add_argument("kind", choices=["recipes", "teachers", "students", "datasets", "scan-backends"])
     return parser
 
 
@@ -218,6 +225,13 @@ def cmd_distill(args) -> int:
     return _distill(args.recipe, args)
 
 
+def _load_recipe(recipe: str | None, overrides: list[str]):
+    """RECIPE of ``distill`` (a file or a shipped recipe's name; None: the demo) with its ``--set`` overrides."""
+    from edgepkd.recipe import load_recipe, resolve_recipe
+
+    return load_recipe(None if recipe is None else resolve_recipe(recipe), overrides)
+
+
 def _environment(scan_backend: str, device: str) -> dict:
     import platform
 
@@ -233,14 +247,13 @@ def _distill(recipe_path: str | None, args) -> int:
     import torch
 
     from edgepkd.distill import distributed
-    from edgepkd.recipe import load_recipe
 
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc: {args.nproc}: give at least 1 process")
     if args.device:
         _device_profile(args.device, args.devices_dir)  # an unknown or malformed profile fails before training
     if args.nproc and args.nproc > 1 and not args.dry_run:
-        distributed.check_batch_sizes(load_recipe(recipe_path, args.set), args.nproc)  # before N processes start
+        distributed.check_batch_sizes(_load_recipe(recipe_path, args.set), args.nproc)  # before N processes start
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return distributed.run_rank(lambda dist: _distill_rank(recipe_path, args, dist), device)
@@ -250,19 +263,24 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     """One process's part of ``distill``: all of it in a single process; under torchrun rank 0 writes the run
     directory and prints, every rank trains its share (errors before training are agreed and printed once)."""
     from edgepkd.config import to_dict
-    from edgepkd.data import load_dataset
+    from edgepkd.data import data_location, load_dataset, reads_files
     from edgepkd.distill.distributed import check_batch_sizes
     from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
     from edgepkd.models.scan import resolve_backend
     from edgepkd.progress import RichReporter
-    from edgepkd.recipe import load_recipe
     from edgepkd.report import FLOP_CONVENTION, write_report
     from edgepkd.rundir import RunDir
 
-    recipe = dist.agree(lambda: load_recipe(recipe_path, args.set))
+    recipe = dist.agree(lambda: _load_recipe(recipe_path, args.set))
     dist.agree(lambda: check_batch_sizes(recipe, dist.world_size if dist.distributed else args.nproc or 1))
     backend = resolve_backend(recipe.scan_backend, dist.device)
-    data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, args.data_dir), local_first=True)
+    run = RunDir(Path(args.out) / (args.name or recipe.name))
+    # where the dataset's files are; --resume: where the run read them, unless --data-dir / $EDGEPKD_DATA say
+    root, why = dist.agree(lambda: data_location(args.data_dir, run if args.resume else None))
+    files = reads_files(recipe.data)
+    data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, str(root)), local_first=True)
+    if files and dist.is_main and not args.quiet:
+        print(f"data: {root} ({why})", file=sys.stderr)  # once found: a failure is the error's one line
 
     latency = _latency_table(recipe, data, args) if dist.is_main else None
 
@@ -276,8 +294,12 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     if args.dry_run:
         return _print_plan(recipe, data, plan, args.json, latency) if dist.is_main else 0
 
-    run = RunDir(Path(args.out) / (args.name or recipe.name))
-    dist.agree(lambda: run.create(to_dict(recipe), resume=args.resume) if dist.is_main else None)
+    def create():
+        run.create(to_dict(recipe), resume=args.resume)
+        if files:  # evaluate, export, bench and pick read the data there by default
+            run.record_data_dir(root)
+
+    dist.agree(lambda: create() if dist.is_main else None)
     dist.agree(lambda: dist.is_main or run.recipe_path.is_file() or _unseen(run, dist))
     reporter = None if args.quiet or not dist.is_main else RichReporter()
     t0 = time.perf_counter()
@@ -387,7 +409,7 @@ def _print_summary(metrics: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from edgepkd.data import load_dataset
+    from edgepkd.data import load_run_dataset
     from edgepkd.distill.trainer import accuracy, eval_mode, predict
     from edgepkd.models import load_model, set_scan_backend
     from edgepkd.recipe import load_recipe
@@ -412,7 +434,8 @@ def cmd_evaluate(args) -> int:
     if missing and not args.skip_missing:
         raise RunError(f"{run.path}: weights missing for {', '.join(missing)} "
                        f"(expected {run.weights_path(missing[0])}); --skip-missing evaluates the others")
-    data = load_dataset(recipe.data, recipe.seed, args.data_dir)
+    data = load_run_dataset(run, recipe, args.data_dir, log=print if not args.json else
+                            lambda *a: print(*a, file=sys.stderr))
     results, worst = [], 0.0
     logits = {}
     for row in metrics["models"]:
@@ -575,6 +598,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
+    if args.kind == "recipes":
+        from edgepkd.recipe import builtin_recipes
+
+        recipes = builtin_recipes()
+        width = max(map(len, recipes))
+        print("\n".join(f"{name:<{width}}  {path}" for name, path in recipes.items()))
+        return 0
     if args.kind == "teachers":
         from edgepkd.models import TEACHERS as reg
     elif args.kind == "students":

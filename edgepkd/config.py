@@ -254,4 +254,15 @@ def load_named_dirs(cls: type, kind: str, builtin: Path, local: str, extra_dirs,
                 raise ConfigError(f"{path}: {kind} '{obj.name}' is already defined by another file "
                                   "(give yours another name)")
             registry.register(obj.name, obj)
+    if not len(registry):
+        raise ConfigError(empty_message(f"{kind}s", builtin, [f"./{local}/", *(f"{option} {d}" for d in extra_dirs)],
+                                        f"add a YAML file to ./{local}/ (or {option} DIR)"))
     return registry
+
+
+def empty_message(what: str, builtin: Path, others: list[str], add: str) -> str:
+    """One line for a registry of files that came out empty (a broken install: the built-ins are missing)."""
+    state = "is missing" if not builtin.is_dir() else "holds no *.yaml"
+    elsewhere = f"; none in {' or '.join(others)} either" if others else ""
+    return (f"no {what} found: the built-in folder {builtin} {state}{elsewhere}; reinstall edgepkd (its wheel "
+            f"carries the built-in {what}), or {add}")

@@ -6,7 +6,9 @@
     imagefolder:PATH any class-per-folder dataset; PATH/{train,test}/ when present, else split by test_fraction
     synthetic        class-conditional random patterns, for tests
 
-Files are looked up under ``--data-dir``, else ``$EDGEPKD_DATA``, else ``~/.cache/edgepkd/data``.
+Files are looked up under ``--data-dir``, else ``$EDGEPKD_DATA``, else ``~/.cache/edgepkd/data``. A run records
+where its dataset's files were (``state.json``: ``data_dir``); ``evaluate``, ``export``, ``bench`` and ``pick`` of
+that run read them there unless ``--data-dir`` or ``$EDGEPKD_DATA`` say otherwise (``load_run_dataset``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import torch
 from edgepkd.errors import ConfigError, DataError
 from edgepkd.recipe import DataConfig
 from edgepkd.registry import Registry
+from edgepkd.rundir import RunDir
 
 DATASETS: Registry[Callable] = Registry("dataset")
+FILE_DATASETS = ("mnist", "cifar10", "imagefolder")   # the datasets read from files under the data location
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte"]
 
@@ -69,12 +73,36 @@ class Dataset:
                 "resize": [h, w], "scale": 1 / 255.0, "mean": self.mean, "std": self.std}
 
 
-def data_root(data_dir: str | os.PathLike | None) -> Path:
+def data_location(data_dir: str | os.PathLike | None = None, run: RunDir | None = None) -> tuple[Path, str]:
+    """Where dataset files are read, and why there: ``data_dir`` (--data-dir), else $EDGEPKD_DATA, else the location
+    ``run`` recorded when it was made, else ~/.cache/edgepkd/data."""
     if data_dir:
-        return Path(data_dir).expanduser()
+        return Path(data_dir).expanduser(), "--data-dir"
     if os.environ.get("EDGEPKD_DATA"):
-        return Path(os.environ["EDGEPKD_DATA"]).expanduser()
-    return Path.home() / ".cache" / "edgepkd" / "data"
+        return Path(os.environ["EDGEPKD_DATA"]).expanduser(), "$EDGEPKD_DATA"
+    recorded = run.recorded_data_dir() if run is not None else None
+    if recorded:
+        return Path(recorded), f"recorded by the run in {run.state_path}; --data-dir or $EDGEPKD_DATA override it"
+    return Path.home() / ".cache" / "edgepkd" / "data", "the default; --data-dir or $EDGEPKD_DATA choose another"
+
+
+def data_root(data_dir: str | os.PathLike | None) -> Path:
+    return data_location(data_dir)[0]
+
+
+def reads_files(cfg: DataConfig) -> bool:
+    """Whether the dataset is read from files under the data location (digits and synthetic are not)."""
+    return cfg.dataset.partition(":")[0] in FILE_DATASETS
+
+
+def load_run_dataset(run: RunDir, recipe, data_dir: str | None = None, log=None) -> Dataset:
+    """The dataset of a finished run (``evaluate``, ``export``, ``bench``, ``pick``), read where ``data_location``
+    says; ``log`` is told which location that was."""
+    root, why = data_location(data_dir, run)
+    data = load_dataset(recipe.data, recipe.seed, str(root))
+    if log is not None and reads_files(recipe.data):
+        log(f"data: {root} ({why})")  # once found: a failure is the error's one line, naming the location
+    return data
 
 
 def load_dataset(cfg: DataConfig, seed: int, data_dir: str | None = None) -> Dataset:

@@ -1,7 +1,8 @@
 """Recipes: a whole distillation run in one YAML file, loaded into these dataclasses.
 
 The defaults of ``Recipe()`` *are* the embedded demo (scikit-learn's 8x8 digits, offline);
-``recipes/digits.yaml`` spells them out and a test keeps the two identical.
+``recipes/digits.yaml`` spells them out and a test keeps the two identical. The shipped recipes (``recipes/*.yaml``,
+carried by the wheel) can be named instead of given as a path: ``edgepkd distill mnist``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgepkd.config import apply_overrides, check, from_dict, load_yaml, to_dict
+from edgepkd.builtins import builtin_dir
+from edgepkd.config import apply_overrides, check, empty_message, from_dict, load_yaml, to_dict
+from edgepkd.errors import ConfigError
+from edgepkd.registry import closest
 
 
 @dataclass
@@ -219,3 +223,30 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         raw = apply_overrides(raw, list(overrides), source)
         source += " (with --set)"
     return from_dict(Recipe, raw, source=source)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The shipped recipes by name (``recipes/*.yaml`` of the checkout, or the wheel's copy)."""
+    folder = builtin_dir("recipes")
+    found = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    if not found:
+        raise ConfigError(empty_message("recipes", folder, [], "give a recipe file's path"))
+    return found
+
+
+def resolve_recipe(arg: str) -> Path:
+    """``edgepkd distill RECIPE``: a recipe file's path, else the name of a shipped recipe ('mnist')."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"{arg}: not a recipe file (give a YAML file, or a shipped recipe's name)")
+    shipped = builtin_recipes()
+    if arg in shipped:
+        return shipped[arg]
+    stem = path.stem if path.suffix in (".yaml", ".yml") else arg
+    if stem in shipped:
+        hint = f"; the shipped recipe is named without a folder or suffix: edgepkd distill {stem}"
+    else:
+        hint = f"{closest(stem, shipped)} (nor a shipped recipe: {', '.join(shipped)}; edgepkd list recipes)"
+    raise ConfigError(f"{arg}: no such file{hint}")

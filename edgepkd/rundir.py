@@ -2,7 +2,8 @@
 
     runs/<name>/
       recipe.yaml              the resolved recipe (every default filled in)
-      state.json               finished stages (train time, val accuracy, per-epoch history)
+      state.json               finished stages (train time, val accuracy, per-epoch history); data_dir: where the
+                               dataset's files were read (the default data location of evaluate/export/bench/pick)
       weights/<stage>.safetensors   finished models; metadata carries architecture, preprocessing, labels
       checkpoints/<stage>.safetensors  the stage in progress (model + optimizer after its last finished epoch)
       metrics.json, report.md, accuracy_vs_mflops.png
@@ -168,6 +169,22 @@ class RunDir:
     def state(self) -> dict:
         return read_json(self.state_path, {"stages": dict}, "a run state", "move it away and distill again "
                          "(finished stages are then trained again)", default={"format": FORMAT_VERSION, "stages": {}})
+
+    def record_data_dir(self, location: Path | None) -> None:
+        """Remember where the run read its dataset's files (None: a dataset without files, e.g. digits)."""
+        state = self.state()
+        if location is None:
+            state.pop("data_dir", None)
+        else:
+            state["data_dir"] = os.path.abspath(location)
+        atomic_write_json(self.state_path, state)
+
+    def recorded_data_dir(self) -> str | None:
+        """The data location recorded when the run was made (None for runs without one)."""
+        if not self.state_path.is_file():
+            return None
+        value = self.state().get("data_dir")
+        return value if isinstance(value, str) and value else None
 
     def finish_stage(self, stage: str, info: dict) -> None:
         state = self.state()

@@ -4,7 +4,9 @@ holding only numpy<2 and that runtime, and one-line errors that leave earlier re
 No assertion here depends on a timing: latency figures are checked for consistency, never against a clock."""
 
 import getpass
+import hashlib
 import json
+import shlex
 import os
 import re
 import shutil
@@ -223,17 +225,15 @@ def test_bad_inputs_are_one_line_and_leave_results_intact(run_copy, tmp_path, ca
 
 
 def test_artifact_the_device_cannot_run_is_recorded_and_reported(run_copy, tmp_path, capsys):
-    """A broken artifact among good ones: the good results are stored, the bad one is listed under errors,
-    the command exits 1 with one line."""
+    """A broken artifact among good ones (its manifest agrees with it, so it is the file that was exported): the
+    good results are stored, the bad one is listed under errors, the command exits 1 with one line."""
     folder = run_copy / "export" / "tflite-fp32"
     entries = json.loads((folder / "manifest.json").read_text())
     bad = folder / "ensemble-1-2.tflite"
     bad.write_bytes(b"TFL3 but truncated")
     for e in entries["artifacts"]:
         if e["file"] == bad.name:
-            import hashlib
-
-            e["sha256"] = hashlib.sha256(bad.read_bytes()).hexdigest()
+            e["sha256"], e["bytes"] = hashlib.sha256(bad.read_bytes()).hexdigest(), bad.stat().st_size
     (folder / "manifest.json").write_text(json.dumps(entries))
     assert main(["bench", str(folder), "--device", "host", *FAST]) == 1
     captured = capsys.readouterr()
@@ -242,6 +242,59 @@ def test_artifact_the_device_cannot_run_is_recorded_and_reported(run_copy, tmp_p
     assert err.count("edgepkd: error") == 1 and err.strip().count("\n") == 0
     stored = json.loads((run_copy / "bench" / "host.json").read_text())
     assert len(stored["results"]) == 4 and list(stored["errors"]) == ["tflite-fp32/ensemble-1-2.tflite"]
+
+
+def results_of(run: Path) -> dict[str, bytes]:
+    """Every earlier result of a run: bench/*.json and selection.json, byte for byte."""
+    return {p.relative_to(run).as_posix(): p.read_bytes()
+            for p in [*sorted((run / "bench").glob("*.json")), run / "selection.json"] if p.is_file()}
+
+
+@pytest.mark.parametrize("tamper", ["one byte changed", "truncated copy"])
+def test_changed_or_truncated_artifact_is_refused_and_results_stay(run_copy, tmp_path, capsys, tamper):
+    """bench, pick and the runner compare each artifact with its manifest (size, sha256) before using it: a file
+    changed after export is refused in one line naming it and saying how to re-export it, and the earlier bench
+    results and selection stay byte-identical. The re-export it names makes it usable again."""
+    assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST]) == 0
+    assert main(["pick", str(run_copy), "--device", "cortex-m7"]) == 0
+    capsys.readouterr()
+    before = results_of(run_copy)
+    assert sorted(before) == ["bench/cortex-m7.json", "bench/host.json", "selection.json"]
+    path = run_copy / "export" / "tflite-fp32" / "chain-s1.tflite"
+    blob = path.read_bytes()
+    if tamper == "one byte changed":
+        changed = bytearray(blob)
+        changed[len(changed) // 2] ^= 0x01
+        path.write_bytes(bytes(changed))
+        why = "but " + str(path.parent / "manifest.json") + " says " + manifest(run_copy, "tflite-fp32")[
+            path.name]["sha256"][:12] + "... (changed since export)"
+    else:
+        truncated = tmp_path / "truncated.tflite"
+        truncated.write_bytes(blob[:len(blob) // 3])
+        shutil.copy(truncated, path)
+        why = f"{len(blob) // 3:,} bytes, but {path.parent / 'manifest.json'} says {len(blob):,} (truncated"
+    fix = "re-export it: edgepkd export " + str(run_copy) + " --target tflite-fp32 --model 'chain/s1'"
+    cases = [
+        ["bench", str(run_copy), "--device", "host", *FAST],           # a run directory
+        ["bench", str(path), "--device", "host", *FAST],               # the file itself
+        ["bench", str(run_copy), "--device", "cortex-m7"],             # estimated: never run, still checked
+        ["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", "--no-bench"],  # results are current
+        ["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST],
+        ["pick", str(run_copy), "--device", "cortex-m7"],
+    ]
+    for args in cases:
+        assert main(args) == 2, args
+        err = one_line_error(capsys)
+        assert err.startswith(f"edgepkd: error: {path}: ") and why in err and err.rstrip().endswith(fix), err
+        assert results_of(run_copy) == before, args
+    # the runner on its own (as on a device): one line, exit 2, nothing timed
+    code, (out,), err = run_runner(sys.executable, str(RUNNER), str(path), *FAST)
+    assert code == 2 and out["kind"] == "integrity" and "re-export it" in out["error"] and "latency_ms" not in out
+    assert err.startswith("runner: error: ") and err.count("\n") == 1
+    # the command the error names rewrites the file and its manifest entry; bench and pick take it again
+    assert main(shlex.split(fix.split(": ", 1)[1])[1:]) == 0
+    assert main(["bench", str(path), "--device", "host", *FAST]) == 0
+    assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST]) == 0
 
 
 def test_device_without_numpy_is_one_line(run_copy, tmp_path, capsys):
@@ -524,3 +577,54 @@ def test_tflite_runtime_214_venv_matches_the_manifest(run_copy, tmp_path, capsys
         print(key, r["accuracy"]["top1"], entry["verification"]["accuracy"])
         assert r["accuracy"]["top1"] == pytest.approx(entry["verification"]["accuracy"])
     assert folder.is_dir()
+
+
+# ------------------------------------------------------------------------------------- runs remember their data
+@pytest.mark.data
+def test_a_data_backed_run_remembers_where_its_data_is(tmp_path, monkeypatch, capsys):
+    """An MNIST run made with --data-dir records the location; export, bench, pick and evaluate then read the data
+    there without --data-dir (and say so), while --data-dir and $EDGEPKD_DATA still override it."""
+    from conftest import TINY_RECIPE, data_dir
+
+    root = data_dir()
+    if root is None or not (root / "MNIST" / "raw").is_dir():
+        pytest.skip("needs MNIST under $EDGEPKD_DATA (MNIST/raw in torchvision's layout, as ../shared/data)")
+    monkeypatch.delenv("EDGEPKD_DATA")
+    monkeypatch.chdir(tmp_path)  # nothing under ./ or ~/.cache/edgepkd/data is what finds it
+    recipe = {**TINY_RECIPE, "name": "mnist-tiny",
+              "data": {"dataset": "mnist", "train_limit": 600, "download": False},
+              "students": {"sizes": [{"d_model": 16, "depth": 1, "d_state": 4, "patch_size": 7},
+                                     {"d_model": 8, "depth": 1, "d_state": 2, "patch_size": 7}]}}
+    (tmp_path / "mnist-tiny.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["distill", "mnist-tiny.yaml", "--data-dir", str(root), "--out", "runs", "--set",
+                 "teacher.train.epochs=1", "--set", "distill.train.epochs=1"]) == 0
+    assert f"data: {root} (--data-dir)" in capsys.readouterr().err
+    run = tmp_path / "runs" / "mnist-tiny"
+    assert json.loads((run / "state.json").read_text())["data_dir"] == str(root.absolute())
+    recorded = f"data: {root.absolute()} (recorded by the run in {Path('runs/mnist-tiny/state.json')}"
+
+    assert main(["export", "runs/mnist-tiny", "--target", "tflite-fp32", "--model", "chain/s2"]) == 0
+    assert recorded in capsys.readouterr().out
+    assert main(["bench", "runs/mnist-tiny", "--device", "host", *FAST]) == 0
+    assert recorded in capsys.readouterr().out
+    (result,) = json.loads((run / "bench" / "host.json").read_text())["results"].values()
+    assert result["accuracy"]["images"] == 10000  # MNIST's test split, read from the recorded location
+    assert result["accuracy"]["top1"] == pytest.approx(
+        manifest(run, "tflite-fp32")["chain-s2.tflite"]["verification"]["accuracy"])
+    shutil.rmtree(run / "bench")
+    assert main(["pick", "runs/mnist-tiny", "--device", "host", "--latency-ms", "1000", *FAST]) == 0
+    assert recorded in capsys.readouterr().out
+    assert json.loads((run / "selection.json").read_text())["devices"]["host"]["choice"]["model"] == "chain/s2"
+    assert main(["evaluate", "runs/mnist-tiny"]) == 0
+    assert recorded in capsys.readouterr().out
+    assert main(["distill", "mnist-tiny.yaml", "--out", "runs", "--resume", "--set", "teacher.train.epochs=1",
+                 "--set", "distill.train.epochs=1"]) == 0  # every stage finished: reloaded, evaluated again
+    assert recorded in capsys.readouterr().err
+
+    nowhere = tmp_path / "nowhere"
+    assert main(["evaluate", "runs/mnist-tiny", "--data-dir", str(nowhere)]) == 2  # --data-dir overrides it
+    assert f"MNIST not found: put {nowhere}/MNIST/raw/" in one_line_error(capsys)
+    monkeypatch.setenv("EDGEPKD_DATA", str(nowhere))                                # and so does $EDGEPKD_DATA
+    assert main(["export", "runs/mnist-tiny", "--target", "tflite-fp32", "--model", "chain/s2"]) == 2
+    assert f"MNIST not found: put {nowhere}/MNIST/raw/" in one_line_error(capsys)
+    assert (run / "export" / "tflite-fp32" / "chain-s2.tflite").is_file()  # the earlier export is intact

@@ -111,7 +111,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     With a ``refused`` list, a model that fails verification is logged, skipped (nothing written for it) and
     its name appended, instead of stopping the export: ``edgepkd export --keep-going`` and ``edgepkd distill
     --device`` use it so that the models that pass are written."""
-    from edgepkd.data import load_dataset
+    from edgepkd.data import load_run_dataset
     from edgepkd.models import export_mode, load_model
     from edgepkd.recipe import load_recipe
     from edgepkd.report import load_metrics
@@ -134,7 +134,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             if m not in loaded:
                 loaded[m] = load_model(path)[0]
     recipe = load_recipe(run.recipe_path)
-    data = load_dataset(recipe.data, recipe.seed, data_dir)
+    data = load_run_dataset(run, recipe, data_dir, log)
     x_test = data.normalize(data.test.x)                                    # (N, C, H, W)
     example = x_test[:1]                                                    # (1, C, H, W)
 

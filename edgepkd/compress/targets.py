@@ -1,6 +1,7 @@
 """Export targets: ``export/*.yaml`` files loaded into typed dataclasses, looked up through a registry.
 
-Built-in targets live in the repository's ``export/`` folder; a user adds one by dropping a YAML file into
+Built-in targets live in the repository's ``export/`` folder (an installed wheel carries a copy: see
+``edgepkd/builtins.py``); a user adds one by dropping a YAML file into
 ``./export/`` (or ``--targets-dir``). A target names the format, the precision, the quantization method with its
 settings, and the verification tolerances.
 """
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgepkd.builtins import builtin_dir
 from edgepkd.config import check, load_named_dirs
 from edgepkd.registry import Registry
 
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "export"
+BUILTIN_DIR = builtin_dir("export")
 
 # format -> (pip extra, modules it needs)
 FORMAT_NEEDS = {"onnx": ["onnx", "onnxscript", "onnxruntime"], "tflite": ["litert_torch", "ai_edge_litert"],

@@ -15,12 +15,15 @@ How a device is reached is its profile's ``connect``:
   * ``none``: estimated, never run: latency = (FLOPs / 2) / the profile's calibrated MAC/s, RAM = the sum of
     the non-constant tensors (an upper bound on the activation memory), storage = the file's bytes.
 
+Every artifact is checked against its manifest entry (size and sha256) before anything runs or is written: a
+truncated or changed file stops the command with one line naming it (re-export it), and earlier results stay.
 Results are written after each artifact (to a temporary name, then renamed): a failure leaves earlier results.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import shlex
 import shutil
@@ -35,7 +38,7 @@ import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.errors import ConfigError, EdgepkdError, RunError
 from edgepkd.measure.devices import MIB, DeviceProfile
-from edgepkd.rundir import atomic_write_bytes, atomic_write_json, read_json
+from edgepkd.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json
 
 RUNNER = Path(__file__).with_name("runner.py")
 
@@ -156,9 +159,32 @@ def resolve(paths: list[str], profile: DeviceProfile) -> list[Artifact]:
     return list(found.values())
 
 
+def check_artifact(a: Artifact) -> None:
+    """``a`` is the file its manifest entry describes (same size and sha256), else a one-line RunError naming the
+    file and the export that rewrites it. bench and pick call this before running or choosing anything."""
+    from edgepkd.measure.runner import integrity_problem
+
+    h = hashlib.sha256()
+    try:
+        with open(a.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        size = a.path.stat().st_size
+    except OSError as e:
+        raise RunError(f"{a.path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    problem = integrity_problem(size, h.hexdigest(), a.entry)
+    if problem:
+        model = a.entry.get("model")
+        again = (f"edgepkd export {a.run} --target {a.target}" + (f" --model '{model}'" if model else "")
+                 if a.run is not None else f"edgepkd export RUN --target {a.target}")
+        raise RunError(f"{a.path}: {problem.replace('manifest.json', str(a.path.parent / 'manifest.json'), 1)}; "
+                       f"re-export it: {again}")
+
+
 # ----------------------------------------------------------------------------------------------- test images
-def test_images(run: Path, data_dir: str | None) -> Path:
-    """The run's test split as uint8 images (N, C, H, W) + labels, written once to runs/<run>/bench/."""
+def test_images(run: Path, data_dir: str | None, log=print) -> Path:
+    """The run's test split as uint8 images (N, C, H, W) + labels, written once to runs/<run>/bench/; the data is
+    read where the run read it (unless ``data_dir`` or $EDGEPKD_DATA say otherwise)."""
     path = run / "bench" / "test-images.npz"
     if path.is_file():
         return path
@@ -166,11 +192,11 @@ def test_images(run: Path, data_dir: str | None) -> Path:
 
     import numpy as np
 
-    from edgepkd.data import load_dataset
+    from edgepkd.data import load_run_dataset
     from edgepkd.recipe import load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
-    test = load_dataset(recipe.data, recipe.seed, data_dir).test
+    test = load_run_dataset(RunDir(run), recipe, data_dir, log).test
     buf = io.BytesIO()
     np.savez(buf, images=test.x.numpy(), labels=test.y.numpy())
     atomic_write_bytes(path, buf.getvalue())
@@ -288,7 +314,8 @@ def _handle_line(line: str, by_path: dict[str, Artifact], store_of, outcome: Out
     if a is None:
         return
     if "error" in obj:
-        if obj.get("kind") == "environment":
+        # integrity: the file matched its manifest here, so the runner's copy differs (a failed copy)
+        if obj.get("kind") in ("environment", "integrity"):
             raise DeviceError(f"device '{device}': {obj['error']}")
         store_of(a).record(a, None, obj["error"])
         outcome.errors.append((a, obj["error"]))
@@ -426,6 +453,8 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
         return stores[a.run]
 
     for a in arts:
+        check_artifact(a)  # a truncated or changed file fails before anything runs or is written
+    for a in arts:
         store_of(a)  # an unreadable bench file fails before anything runs
     if profile.estimated:
         for a in arts:
@@ -439,7 +468,7 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
         by_run.setdefault(a.run, []).append(a)
     local = profile.connect == "local"
     for run, group in by_run.items():
-        images = test_images(run, opts.data_dir) if opts.images and run is not None else None
+        images = test_images(run, opts.data_dir, log) if opts.images and run is not None else None
         # the runner names each result by the path it was given: local paths, or <target>/<file> on the device
         by_path = {(str(a.path) if local else a.key): a for a in group}
         handle = lambda line: _handle_line(line, by_path, store_of, outcome, log, profile.name)  # noqa: E731

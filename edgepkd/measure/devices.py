@@ -4,7 +4,8 @@ A profile says where a model must run (CPU, accelerator, the runtime there and i
 consider, the budgets a model must meet (p90 latency, RAM, storage), how edgepkd reaches the device (``local``,
 ``ssh://user@host[:port]``, or ``none``: estimated only, from MACs and a calibrated throughput).
 
-Built-in profiles live in the repository's ``devices/`` folder; a user adds one by dropping a YAML file into
+Built-in profiles live in the repository's ``devices/`` folder (an installed wheel carries a copy: see
+``edgepkd/builtins.py``); a user adds one by dropping a YAML file into
 ``./devices/`` (or ``--devices-dir``), exactly as for export targets.
 """
 
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgepkd.builtins import builtin_dir
 from edgepkd.config import check, load_named, load_named_dirs
 from edgepkd.registry import Registry
 
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "devices"
+BUILTIN_DIR = builtin_dir("devices")
 RUNTIME_FORMAT = {"tflite": "tflite", "onnxruntime": "onnx"}   # device runtime -> export format it runs
 SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>[^@/:\s\[\]]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d+))?/?$")
 MIB = 1024 * 1024

@@ -8,7 +8,8 @@ artifact in its runtime, on the test split); latency (p90), RAM and storage come
 device (run here for candidates without a current result). The choice is the highest accuracy within every
 budget (ties: lower p90, then fewer bytes); each other candidate is told why it lost (too slow, too big,
 below the accuracy floor, dominated, or simply less accurate). When nothing fits, the error names the binding
-budget and what the closest candidate needs.
+budget and what the closest candidate needs. Every candidate's file is checked against its manifest (size and
+sha256) first: a truncated or changed one stops pick with one line (re-export it), selection.json untouched.
 
     runs/<run>/selection.json   {"devices": {NAME: the choice, budgets, and every candidate with its verdict}}
 """
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepkd.errors import EdgepkdError, RunError
-from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench, format_table, \
-    now, ram_bytes, resolve
+from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench, check_artifact, \
+    format_table, now, ram_bytes, resolve
 from edgepkd.measure.devices import MIB, DeviceProfile
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
@@ -243,6 +244,8 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
     if limits.latency_ms <= 0:
         raise EdgepkdError(f"--latency-ms {latency_ms}: must be positive")
     sel = Selection(profile, limits, candidates(run, profile))
+    for c in sel.candidates:
+        check_artifact(c.artifact)  # a stored result describes the file of this sha256; a changed file is refused
     options = options or BenchOptions()
     store = BenchStore(run, profile, options)
     todo = []

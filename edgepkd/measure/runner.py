@@ -22,9 +22,12 @@ Conventions (TFLite's benchmark_model; MLPerf single-stream):
     before the model was loaded (the runtime and numpy already imported, the inputs already prepared).
   * metadata: ``manifest.json`` next to the artifact (edgepkd export writes it), else the artifact's own
     metadata (TFLite metadata entry 'edgepkd', ONNX metadata_props).
+  * integrity: an artifact listed in ``manifest.json`` runs only when its size and sha256 are the manifest's
+    (a truncated or changed file is refused in one line: re-export it, or copy it again).
 
 With several artifacts each one runs in its own child process, so each peak RSS is its own.
-Exit status: 0 all ran, 2 an artifact could not be run, 3 this device lacks numpy or a runtime.
+Exit status: 0 all ran, 2 an artifact could not be run (or is not the file its manifest describes), 3 this
+device lacks numpy or a runtime.
 """
 
 from __future__ import annotations
@@ -55,6 +58,23 @@ class EnvironmentMissing(RunnerError):
     """This device lacks numpy or the runtime."""
 
     exit_code = 3
+
+
+class ArtifactChanged(RunnerError):
+    """The file is not the one its manifest.json entry describes (truncated, changed, or a failed copy)."""
+
+
+def integrity_problem(size: int, digest: str, entry: dict) -> str | None:
+    """Why a file of ``size`` bytes with sha256 ``digest`` is not the one ``entry`` (its manifest.json entry)
+    describes, or None when it is (edgepkd bench and pick check artifacts with this too)."""
+    want_size, want_sha = entry.get("bytes"), entry.get("sha256")
+    if not isinstance(want_size, int) or not isinstance(want_sha, str):
+        return "its manifest.json entry records no bytes and sha256 to check it against"
+    if size != want_size:
+        return f"{size:,} bytes, but manifest.json says {want_size:,} (truncated or changed since export)"
+    if digest != want_sha:
+        return f"sha256 {digest[:12]}..., but manifest.json says {want_sha[:12]}... (changed since export)"
+    return None
 
 
 def artifact_format(path: str) -> str:
@@ -373,6 +393,12 @@ def bench(path: str, args) -> dict:
             images, labels = data["images"], data["labels"]
     with open(path, "rb") as f:
         blob = f.read()
+    digest = hashlib.sha256(blob).hexdigest()
+    if meta_source == "manifest.json":
+        problem = integrity_problem(len(blob), digest, meta)
+        if problem:
+            raise ArtifactChanged(f"{path}: {problem}; re-export it (edgepkd export RUN --target TARGET), or copy "
+                                  "it again with its manifest.json")
     cls = TFLiteModel if fmt == "tflite" else OnnxModel
     _import_runtime(fmt, args.runtime)  # imported before the baseline: its code is not the model's memory
 
@@ -413,7 +439,7 @@ def bench(path: str, args) -> dict:
     peak = peak_rss_bytes()
     return {
         "artifact": os.path.basename(path), "path": path, "format": fmt, "bytes": len(blob),
-        "sha256": hashlib.sha256(blob).hexdigest(), "model": meta.get("model"),
+        "sha256": digest, "model": meta.get("model"),
         "precision": meta.get("precision"), "metadata": meta_source,
         "runtime": model.runtime, "runtime_version": model.version, "threads": args.threads,
         "input": io["input"], "inputs": source, "load_ms": load_ms,
@@ -487,7 +513,8 @@ def main(argv=None) -> int:
             try:
                 code, obj = 0, bench(path, args)
             except RunnerError as e:
-                kind = "environment" if isinstance(e, EnvironmentMissing) else "artifact"
+                kind = ("environment" if isinstance(e, EnvironmentMissing) else
+                        "integrity" if isinstance(e, ArtifactChanged) else "artifact")
                 code, obj = e.exit_code, {"artifact": os.path.basename(path), "path": path, "error": str(e),
                                           "kind": kind}
         if "error" in obj:
