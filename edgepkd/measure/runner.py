@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -178,17 +179,31 @@ def tflite_activation_bytes(buf: bytes) -> int:
 
 # ------------------------------------------------------------------------------------------------ runtimes
 @contextlib.contextmanager
-def _quiet_stderr():
-    """TFLite's native code prints 'INFO: Created TensorFlow Lite XNNPACK delegate' straight to fd 2."""
+def _quiet_stderr(captured: list | None = None):
+    """TFLite's native code prints 'INFO: Created TensorFlow Lite XNNPACK delegate' straight to fd 2; the executorch
+    wheel's runtime logs through Python's sys.stderr. Both are kept out of the output; with ``captured``, what was
+    written is appended to it (a load error's native reason)."""
     sys.stderr.flush()
     saved = os.dup(2)
+    python_level = io.StringIO()
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stderr(python_level):
+                yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            if captured is not None:
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", "replace") + python_level.getvalue())
+
+
+def _native_reason(text: str) -> str:
+    """The last line an ExecuTorch runtime logged as an error ('E ... program.cpp:114] File size is too small...',
+    or '[program.cpp:114] ...'), without its prefix; '' when none."""
+    lines = [line.strip() for line in text.splitlines() if "] " in line and not line.lstrip().startswith("I ")]
+    return lines[-1].split("] ", 1)[1] if lines else ""
 
 
 def _import_runtime(fmt: str, wanted: str):
@@ -335,16 +350,18 @@ class ExecuTorchModel:
         self.runtime, self.version, rt = _import_runtime("executorch", runtime)
         self.numpy_runtime = self.runtime == "executorch_numpy_runtime"
         self.threads = None
+        log: list[str] = []
         try:
-            with _quiet_stderr():  # ExecuTorch logs cpuinfo probes and load errors to fd 2
+            with _quiet_stderr(log):  # ExecuTorch logs cpuinfo probes and the reason of a failed load
                 self.program = rt.Runtime.get().load_program(path)
                 if not self.numpy_runtime:
                     self.threads = self._set_threads(threads)
                 self.forward = self.program.load_method("forward")
         except Exception as e:  # the runtimes' own types: ProgramLoadError, RuntimeError ('error: 0x:23')
             detail = " ".join(str(e).split()) or type(e).__name__
+            reason = _native_reason("".join(log))
             raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot load it "
-                              f"({detail[:300]})") from None
+                              f"({detail[:200]}{'; ' + reason[:200] if reason else ''})") from None
         if self.numpy_runtime:
             meta = self.forward.metadata
             self.in_shape = list(meta["inputs"][0]["shape"])
