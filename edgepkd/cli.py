@@ -25,6 +25,7 @@ examples:
   edgepkd export runs/digits --target onnx-int8  quantize, export and verify every student
   edgepkd export --list-targets
   edgepkd bench runs/digits --device host        time every exported TFLite model here (the latency table)
+  edgepkd bench runs/digits --device host-executorch   the same for the ExecuTorch (.pte) exports
   edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets
   edgepkd distill recipes/digits.yaml --device host   recipe -> exported, benchmarked, picked artifact
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "see edgepkd list recipes)")
     _add_run_args(p)
 
-    p = sub.add_parser("export", help="export a run's students to ONNX / TFLite / PyTorch, quantized and verified",
+    p = sub.add_parser("export", help="export a run's students to ONNX / TFLite / ExecuTorch / PyTorch, quantized "
+                       "and verified",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Export every student and ensemble prefix of RUN (or --model NAME) for a target "
                        "(export/*.yaml), verify each artifact in its own runtime on the test split against the "
@@ -476,7 +478,7 @@ def cmd_export(args) -> int:
     if args.list_targets:
         width = max(len(name) for name, _ in targets.items())
         for name, t in targets.items():
-            print(f"{name:<{width}} {t.format:<7} {t.precision:<5} {t.description}")
+            print(f"{name:<{width}} {t.format:<10} {t.precision:<5} {t.description}")
         return 0
     if not args.run:
         raise ConfigError("export: give a run directory (e.g. edgepkd export runs/digits --target onnx-fp32)")
@@ -523,9 +525,10 @@ def cmd_bench(args) -> int:
 
     devices = load_devices(args.devices_dir)
     if args.list_devices:
+        width = max([18, *(len(name) for name, _ in devices.items())])
         for name, d in devices.items():
             how = "estimated" if d.estimated else d.connect
-            print(f"{name:<18} {d.runtime:<12} {how:<34} {d.description}")
+            print(f"{name:<{width}} {d.runtime:<12} {how:<34} {d.description}")
         return 0
     if not args.device:
         raise ConfigError(f"bench: give --device NAME (devices: {', '.join(devices.names())})")

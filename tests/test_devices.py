@@ -10,8 +10,8 @@ from edgepkd.cli import main
 from edgepkd.errors import ConfigError
 from edgepkd.measure.devices import BUILTIN_DIR, load_device, load_devices
 
-SHIPPED = ["host", "host-onnxruntime", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "android-pixel",
-           "cortex-m7"]
+SHIPPED = ["host", "host-onnxruntime", "host-executorch", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano",
+           "android-pixel", "android-pixel-executorch", "cortex-m7"]
 GOOD = {"name": "mine", "runtime": "tflite", "connect": "local",
         "budget": {"latency_ms": 5, "ram_mib": 64, "storage_mib": 8}}
 
@@ -27,8 +27,11 @@ def test_shipped_profiles_load_and_are_listed(capsys):
     assert set(SHIPPED) <= set(devices.names())
     for name in SHIPPED:
         p = devices.get(name)
-        assert p.format in ("tflite", "onnx") and p.budget.latency_ms > 0 and p.threads >= 1
+        assert p.format in ("tflite", "onnx", "executorch") and p.budget.latency_ms > 0 and p.threads >= 1
     assert devices.get("host").connect == "local"
+    assert devices.get("host-executorch").format == "executorch" and devices.get("host-executorch").connect == "local"
+    phone, phone_et = devices.get("android-pixel"), devices.get("android-pixel-executorch")
+    assert (phone_et.format, phone_et.connect, phone_et.cpu) == ("executorch", phone.connect, phone.cpu)
     assert devices.get("raspberry-pi-4").ssh_target() == ("pi@raspberrypi.local", "raspberrypi.local", 22)
     assert devices.get("android-pixel").ssh_target()[2] == 8022
     m7 = devices.get("cortex-m7")
@@ -66,6 +69,8 @@ def test_profile_name_must_match_file(tmp_path):
     ({"budget": {"latency_ms": 0, "ram_mib": 1, "storage_mib": 1}}, "budget.latency_ms: must be positive"),
     ({"precisions": ["fp16"]}, "precisions.0: 'fp16' is not allowed"),
     ({"ssh": {"options": ["-v"]}}, "ssh.options.0: expected KEY=VALUE"),
+    ({"runtime": "executorch", "connect": "none", "calibration": {"macs_per_second": 1e9}},
+     "connect: estimated devices (connect: none) read activation sizes from .tflite or .onnx graphs"),
 ])
 def test_malformed_profile_is_one_line(tmp_path, capsys, change, message):
     folder = write(tmp_path / "d", {**GOOD, **change})

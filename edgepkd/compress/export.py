@@ -29,7 +29,7 @@ from edgepkd.errors import EdgepkdError, RunError
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
-             "torch": "edgepkd.compress.torch_export"}
+             "torch": "edgepkd.compress.torch_export", "executorch": "edgepkd.compress.executorch_export"}
 
 
 class VerificationError(EdgepkdError):

@@ -19,11 +19,11 @@ from edgepkd.registry import Registry
 
 BUILTIN_DIR = builtin_dir("export")
 
-# format -> (pip extra, modules it needs)
+# format -> modules it needs (all in the pip extra 'export')
 FORMAT_NEEDS = {"onnx": ["onnx", "onnxscript", "onnxruntime"], "tflite": ["litert_torch", "ai_edge_litert"],
-                "torch": ["torchao"]}
+                "torch": ["torchao"], "executorch": ["executorch", "torchao"]}
 METHODS = {"onnx": ("none", "ort_static", "ort_dynamic", "weights"), "tflite": ("none", "pt2e", "weights"),
-           "torch": ("none", "torchao")}
+           "torch": ("none", "torchao"), "executorch": ("none", "pt2e")}
 
 
 @dataclass
@@ -36,7 +36,7 @@ class QuantConfig:
     exclude_modules: list[str] = field(default_factory=list)  # ort_*, pt2e: glob patterns of module paths kept float
     calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile"  # ort_static activation ranges
     modules: list[Literal["linear", "conv"]] = field(default_factory=lambda: ["linear", "conv"])  # pt2e
-    activations: Literal["static", "dynamic"] = "static"  # pt2e: calibrated int8 activations (int8 I/O), or
+    activations: Literal["static", "dynamic"] = "static"  # pt2e: calibrated int8 activations (TFLite: int8 I/O), or
                                                           # int8 weights with activations quantized at run time
     config: Literal["int8_dynamic_activation_int8_weight", "int8_weight_only"] = \
         "int8_dynamic_activation_int8_weight"            # torchao
@@ -67,7 +67,7 @@ class VerifyConfig:
 @dataclass
 class ExportTarget:
     name: str
-    format: Literal["onnx", "tflite", "torch"]
+    format: Literal["onnx", "tflite", "torch", "executorch"]
     precision: Literal["fp32", "int8"]
     description: str = ""
     quantization: QuantConfig = field(default_factory=QuantConfig)
@@ -93,7 +93,7 @@ class ExportTarget:
 
     @property
     def suffix(self) -> str:
-        return {"onnx": ".onnx", "tflite": ".tflite", "torch": ".pt2"}[self.format]
+        return {"onnx": ".onnx", "tflite": ".tflite", "torch": ".pt2", "executorch": ".pte"}[self.format]
 
 
 def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.errors import ConfigError, EdgepkdError, RunError
-from edgepkd.measure.devices import MIB, DeviceProfile
+from edgepkd.measure.devices import MIB, RUNTIME_FORMAT, DeviceProfile
 from edgepkd.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -108,10 +108,15 @@ def _run_of(folder: Path) -> Path | None:
 def _check_format(a: Artifact, profile: DeviceProfile) -> None:
     fmt = a.entry.get("format") or a.path.suffix.lstrip(".")
     if fmt != profile.format:
-        raise ConfigError(f"{a.path}: a .{fmt} artifact, but device '{profile.name}' runs {profile.runtime} "
-                          f"(.{profile.format} files); bench the run's .{profile.format} exports instead "
-                          f"(e.g. export/{profile.format}-fp32/), or pick a device with runtime "
-                          f"{'onnxruntime' if fmt == 'onnx' else 'tflite'}")
+        runtime = next((r for r, f in RUNTIME_FORMAT.items() if f == fmt), fmt)
+        raise ConfigError(f"{a.path}: a {a.path.suffix} artifact, but device '{profile.name}' runs "
+                          f"{profile.runtime} ({_suffix(profile.format)} files); bench the run's "
+                          f"{_suffix(profile.format)} exports instead (e.g. export/{profile.format}-fp32/), or pick "
+                          f"a device with runtime {runtime}")
+
+
+def _suffix(fmt: str) -> str:
+    return {"executorch": ".pte"}.get(fmt, f".{fmt}")
 
 
 def _from_folder(folder: Path, profile: DeviceProfile, explicit: bool) -> list[Artifact]:
@@ -534,8 +539,10 @@ def render(outcome: Outcome, profile: DeviceProfile) -> str:
         head = (f"device '{profile.name}': ESTIMATED (not run): latency = MAC-equivalents / "
                 f"{profile.calibration.macs_per_second:.4g} MAC/s; RAM = activation upper bound")
     else:
+        threads = first.get("threads")
         head = (f"device '{profile.name}' ({profile.connect}): {first.get('runtime')} {first.get('runtime_version')}, "
-                f"{first.get('threads')} thread(s), {first.get('host', {}).get('system')} "
+                f"{f'{threads} thread(s)' if threads else 'its default thread pool'}, "
+                f"{first.get('host', {}).get('system')} "
                 f"{first.get('host', {}).get('machine')}; batch 1, {first.get('inputs')}; "
                 f"RAM = peak-RSS growth from loading the model")
     headers = ["artifact", "model", "p50 ms", "p90 ms", "p99 ms", "std ms", "load ms", "RAM MiB", "KiB",

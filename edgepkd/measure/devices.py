@@ -22,7 +22,8 @@ from edgepkd.config import check, load_named, load_named_dirs
 from edgepkd.registry import Registry
 
 BUILTIN_DIR = builtin_dir("devices")
-RUNTIME_FORMAT = {"tflite": "tflite", "onnxruntime": "onnx"}   # device runtime -> export format it runs
+RUNTIME_FORMAT = {"tflite": "tflite", "onnxruntime": "onnx", "executorch": "executorch"}  # device runtime ->
+                                                                                          # export format it runs
 SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>[^@/:\s\[\]]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d+))?/?$")
 MIB = 1024 * 1024
 
@@ -63,7 +64,7 @@ class Calibration:
 @dataclass
 class DeviceProfile:
     name: str
-    runtime: Literal["tflite", "onnxruntime"]
+    runtime: Literal["tflite", "onnxruntime", "executorch"]
     budget: Budget
     description: str = ""
     cpu: str = ""
@@ -85,6 +86,9 @@ class DeviceProfile:
         check(self.connect != "none" or self.calibration.macs_per_second is not None,
               "calibration.macs_per_second", "a device with connect: none can only be estimated; give its "
               "calibrated MAC/s (e.g. a published benchmark's MACs / latency)")
+        check(self.connect != "none" or self.runtime != "executorch", "connect",
+              "estimated devices (connect: none) read activation sizes from .tflite or .onnx graphs; an "
+              "executorch device must be measured (local or ssh://)")
 
     @property
     def format(self) -> str:

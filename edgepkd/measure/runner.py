@@ -2,13 +2,15 @@
 """edgepkd's device runner: time exported models in the runtime a device actually has.
 
 One file, no edgepkd imports: the standard library, numpy and one runtime (``tflite_runtime``,
-``ai_edge_litert`` or ``tensorflow`` for .tflite; ``onnxruntime`` for .onnx). Copy it to a device and run
+``ai_edge_litert`` or ``tensorflow`` for .tflite; ``onnxruntime`` for .onnx; ``executorch_numpy_runtime``, or
+``executorch`` (which imports torch) for .pte). Copy it to a device and run
 
     python3 runner.py chain-s2.tflite [more.tflite ...] [--images test-images.npz] [--threads 4]
 
 For each artifact it prints one JSON object on a line of stdout (JSON Lines): load time, latency percentiles
-(p50 / p90 / p99, mean, std, min, max, in ms), peak RSS, file size, runtime name and version, thread count, and
-top-1 accuracy when ``--images`` is given. Errors are one line on stderr (and a JSON object with "error").
+(p50 / p90 / p99, mean, std, min, max, in ms), peak RSS, file size, runtime name and version, thread count,
+whether torch was imported, and top-1 accuracy when ``--images`` is given. Errors are one line on stderr (and a
+JSON object with "error").
 
 Conventions (TFLite's benchmark_model; MLPerf single-stream):
   * batch 1; warm-up for at least ``--warmup-runs`` (1) runs and ``--warmup-seconds`` (0.5 s), then time runs
@@ -21,11 +23,20 @@ Conventions (TFLite's benchmark_model; MLPerf single-stream):
   * memory: ``peak_rss_bytes`` is the process's high-water RSS; ``model_rss_bytes`` is its growth from just
     before the model was loaded (the runtime and numpy already imported, the inputs already prepared).
   * metadata: ``manifest.json`` next to the artifact (edgepkd export writes it), else the artifact's own
-    metadata (TFLite metadata entry 'edgepkd', ONNX metadata_props).
+    metadata (TFLite metadata entry 'edgepkd', ONNX metadata_props, the .pte's constant method
+    'edgepkd_metadata': the JSON as uint8 bytes).
   * integrity: an artifact listed in ``manifest.json`` runs only when its size and sha256 are the manifest's
     (a truncated or changed file is refused in one line: re-export it, or copy it again).
+  * threads: ``--threads`` sets the interpreter / intra-op threads, and ExecuTorch's thread pool under
+    ``executorch``; ``executorch_numpy_runtime`` cannot set it (XNNPACK uses ExecuTorch's default pool): its
+    results say ``"threads": null``.
 
 With several artifacts each one runs in its own child process, so each peak RSS is its own.
+ExecuTorch: ``executorch_numpy_runtime`` (pip install executorch-numpy-runtime; numpy only, Python >= 3.12,
+manylinux x86_64 / aarch64 and Windows wheels; built on ExecuTorch 1.3.1 and runs edgepkd's 1.5.1 programs) keeps
+the runner torch-free. The ``executorch`` wheel's runtime imports torch (its pybindings link libtorch), so a device
+using it needs torch too. ``"torch_imported"`` in each result says which was the case.
+
 Exit status: 0 all ran, 2 an artifact could not be run (or is not the file its manifest describes), 3 this
 device lacks numpy or a runtime.
 """
@@ -35,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -44,8 +56,13 @@ import sys
 import tempfile
 import time
 
-RUNTIMES = {"tflite": ("tflite_runtime", "ai_edge_litert", "tensorflow"), "onnx": ("onnxruntime",)}
-INSTALL = {"tflite": "pip install 'numpy<2' tflite-runtime (or ai-edge-litert)", "onnx": "pip install onnxruntime"}
+RUNTIMES = {"tflite": ("tflite_runtime", "ai_edge_litert", "tensorflow"), "onnx": ("onnxruntime",),
+            "executorch": ("executorch_numpy_runtime", "executorch")}
+INSTALL = {"tflite": "pip install 'numpy<2' tflite-runtime (or ai-edge-litert)", "onnx": "pip install onnxruntime",
+           "executorch": "pip install executorch-numpy-runtime (Python >= 3.12, torch-free), or pip install "
+                         "executorch==1.5.1 torch==2.14.1"}
+SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".pte": "executorch"}
+PTE_METADATA_METHOD = "edgepkd_metadata"   # the .pte's constant method holding edgepkd's metadata (JSON bytes)
 
 
 class RunnerError(Exception):
@@ -79,11 +96,10 @@ def integrity_problem(size: int, digest: str, entry: dict) -> str | None:
 
 def artifact_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".tflite":
-        return "tflite"
-    if ext == ".onnx":
-        return "onnx"
-    raise RunnerError(f"{path}: not a .tflite or .onnx file (the runner runs TFLite and ONNX artifacts)")
+    if ext in SUFFIXES:
+        return SUFFIXES[ext]
+    raise RunnerError(f"{path}: not a .tflite, .onnx or .pte file (the runner runs TFLite, ONNX and ExecuTorch "
+                      "artifacts)")
 
 
 # ----------------------------------------------------------------------------------------------- flatbuffers
@@ -183,17 +199,31 @@ def tflite_activation_bytes(buf: bytes) -> int:
 
 # ------------------------------------------------------------------------------------------------ runtimes
 @contextlib.contextmanager
-def _quiet_stderr():
-    """TFLite's native code prints 'INFO: Created TensorFlow Lite XNNPACK delegate' straight to fd 2."""
+def _quiet_stderr(captured: list | None = None):
+    """TFLite's native code prints 'INFO: Created TensorFlow Lite XNNPACK delegate' straight to fd 2; the executorch
+    wheel's runtime logs through Python's sys.stderr. Both are kept out of the output; with ``captured``, what was
+    written is appended to it (a load error's native reason)."""
     sys.stderr.flush()
     saved = os.dup(2)
+    python_level = io.StringIO()
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stderr(python_level):
+                yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            if captured is not None:
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", "replace") + python_level.getvalue())
+
+
+def _native_reason(text: str) -> str:
+    """The last line an ExecuTorch runtime logged as an error ('E ... program.cpp:114] File size is too small...',
+    or '[program.cpp:114] ...'), without its prefix; '' when none."""
+    lines = [line.strip() for line in text.splitlines() if "] " in line and not line.lstrip().startswith("I ")]
+    return lines[-1].split("] ", 1)[1] if lines else ""
 
 
 def _import_runtime(fmt: str, wanted: str):
@@ -214,11 +244,28 @@ def _import_runtime(fmt: str, wanted: str):
             if name == "tensorflow":
                 import tensorflow as tf
                 return name, tf.__version__, tf.lite.Interpreter
+            if name == "executorch_numpy_runtime":
+                import executorch_numpy_runtime as etnp
+                return name, f"{etnp.__version__} (ExecuTorch {etnp.__et_version__})", etnp
+            if name == "executorch":
+                return name, *_official_executorch()
             import onnxruntime
             return name, onnxruntime.__version__, onnxruntime
         except ImportError:
             continue
     raise EnvironmentMissing(f"no {fmt} runtime on this device (tried {', '.join(names)}): {INSTALL[fmt]}")
+
+
+def _official_executorch():
+    """(version, executorch.runtime module) of the ``executorch`` wheel, whose runtime imports torch (its pybindings
+    link libtorch); its import-time notices (an experimental-API warning, torch's logging) are silenced."""
+    import warnings
+
+    with warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        import executorch.runtime
+        from executorch.version import __version__
+    return __version__, executorch.runtime
 
 
 class TFLiteModel:
@@ -307,6 +354,90 @@ class OnnxModel:
         return raw.astype(self.np.float32)
 
 
+class ExecuTorchModel:
+    """A .pte program's ``forward`` in ``executorch_numpy_runtime`` (numpy in and out, no torch) or in the
+    ``executorch`` wheel's ``executorch.runtime`` (torch tensors in and out; the runtime imports torch itself).
+
+    The adapter for a .pte anywhere (edgepkd's export verification and the benchmarks use it too):
+    ``m = ExecuTorchModel(path, threads=1, runtime="auto")``, then ``m.logits(m.run(m.prepare(x)))`` for a
+    float32 (1, C, H, W) array ``x``; ``m.metadata()`` is the embedded metadata. ``threads`` None leaves
+    ExecuTorch's thread pool as it is; ``m.threads`` is the pool's size, None where the runtime cannot tell."""
+
+    def __init__(self, path: str, threads: int | None = 1, runtime: str = "auto"):
+        import numpy as np
+
+        self.np = np
+        self.runtime, self.version, rt = _import_runtime("executorch", runtime)
+        self.numpy_runtime = self.runtime == "executorch_numpy_runtime"
+        self.threads = None
+        log: list[str] = []
+        try:
+            with _quiet_stderr(log):  # ExecuTorch logs cpuinfo probes and the reason of a failed load
+                self.program = rt.Runtime.get().load_program(path)
+                if not self.numpy_runtime:
+                    self.threads = self._set_threads(threads)
+                self.forward = self.program.load_method("forward")
+        except Exception as e:  # the runtimes' own types: ProgramLoadError, RuntimeError ('error: 0x:23')
+            detail = " ".join(str(e).split()) or type(e).__name__
+            reason = _native_reason("".join(log))
+            raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot load it "
+                              f"({detail[:200]}{'; ' + reason[:200] if reason else ''})") from None
+        if self.numpy_runtime:
+            meta = self.forward.metadata
+            self.in_shape = list(meta["inputs"][0]["shape"])
+            self.out_shape = list(meta["outputs"][0]["shape"])
+        else:
+            meta = self.forward.metadata
+            self.in_shape = list(meta.input_tensor_meta(0).sizes())
+            self.out_shape = list(meta.output_tensor_meta(0).sizes())
+            self.torch = sys.modules["torch"]  # imported by executorch.runtime, not by this runner
+
+    @staticmethod
+    def _set_threads(threads: int | None) -> int | None:
+        from executorch.extension.pybindings import portable_lib
+
+        if threads is not None and portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        return portable_lib._threadpool_get_thread_count()
+
+    def io(self) -> dict:
+        return {"input": {"shape": self.in_shape, "dtype": "float32"},
+                "output": {"shape": self.out_shape, "dtype": "float32"}}
+
+    def prepare(self, x):
+        x = self.np.ascontiguousarray(x, dtype=self.np.float32)
+        return x if self.numpy_runtime else self.torch.from_numpy(x)
+
+    def run(self, prepared):
+        if self.numpy_runtime:
+            return self.forward([prepared])[0]
+        return self.forward.execute([prepared])[0]
+
+    def logits(self, raw):
+        return (raw if self.numpy_runtime else raw.numpy()).astype(self.np.float32)
+
+    def metadata(self) -> dict:
+        """The JSON of the constant method 'edgepkd_metadata' (uint8 bytes); {} when the program has none."""
+        names = self.program.method_names
+        if PTE_METADATA_METHOD not in names:
+            return {}
+        with _quiet_stderr():
+            method = self.program.load_method(PTE_METADATA_METHOD)
+            raw = method([]) if self.numpy_runtime else method.execute([])
+        data = raw[0] if self.numpy_runtime else raw[0].numpy()
+        return json.loads(self.np.asarray(data, dtype=self.np.uint8).tobytes().decode())
+
+
+def open_model(path: str, threads: int | None = 1, runtime: str = "auto"):
+    """The runner's model for ``path`` by its suffix (TFLiteModel, OnnxModel or ExecuTorchModel), each with
+    ``prepare(x)`` (float32 (1, C, H, W) -> the runtime's input), ``run(prepared)`` (one timed inference),
+    ``logits(raw)`` (-> float32 (1, K)), ``io()``, ``runtime`` and ``version``."""
+    fmt = artifact_format(path)
+    if fmt == "executorch":
+        return ExecuTorchModel(path, threads, runtime)
+    return (TFLiteModel if fmt == "tflite" else OnnxModel)(path, threads or 1, runtime)
+
+
 # ------------------------------------------------------------------------------------------- measurement
 def metadata_for(path: str) -> tuple[dict, str]:
     """(manifest entry or embedded metadata, where it came from)."""
@@ -324,7 +455,7 @@ def metadata_for(path: str) -> tuple[dict, str]:
         with open(path, "rb") as f:
             meta = tflite_metadata(f.read())
         return meta, "embedded" if meta else "none"
-    return {}, "none"  # ONNX: read from the session's custom metadata once it is loaded
+    return {}, "none"  # ONNX, .pte: read from the loaded model (custom metadata, the metadata method)
 
 
 def preprocess(images, pre: dict):
@@ -399,16 +530,22 @@ def bench(path: str, args) -> dict:
         if problem:
             raise ArtifactChanged(f"{path}: {problem}; re-export it (edgepkd export RUN --target TARGET), or copy "
                                   "it again with its manifest.json")
-    cls = TFLiteModel if fmt == "tflite" else OnnxModel
     _import_runtime(fmt, args.runtime)  # imported before the baseline: its code is not the model's memory
 
     baseline = peak_rss_bytes()
     t0 = time.perf_counter()
-    model = cls(path, args.threads, args.runtime)
+    model = open_model(path, args.threads, args.runtime)
     load_ms = (time.perf_counter() - t0) * 1e3
     if fmt == "onnx" and not meta:
         custom = model.session.get_modelmeta().custom_metadata_map
         meta = {k: json.loads(v) for k, v in custom.items()}
+        meta_source = "embedded" if meta else "none"
+    if fmt == "executorch" and not meta:
+        try:
+            meta = model.metadata()
+        except (ValueError, UnicodeDecodeError, RuntimeError) as e:
+            raise RunnerError(f"{path}: its '{PTE_METADATA_METHOD}' method does not hold edgepkd's JSON "
+                              f"({' '.join(str(e).split())[:200]})") from None
         meta_source = "embedded" if meta else "none"
 
     io = model.io()
@@ -426,9 +563,10 @@ def bench(path: str, args) -> dict:
         inputs = [model.prepare(x)]
         source = f"one standard-normal input (seed {args.seed})"
 
-    # warm-up (benchmark_model: --warmup_runs, --warmup_min_secs)
-    warm, warm_s = timed_loop(lambda i: model.run(inputs[i]), len(inputs), args.warmup_runs,
-                              args.warmup_seconds, args.max_seconds)
+    # warm-up (benchmark_model: --warmup_runs, --warmup_min_secs); ExecuTorch logs its cpuinfo probes on the first run
+    with _quiet_stderr():
+        warm, warm_s = timed_loop(lambda i: model.run(inputs[i]), len(inputs), args.warmup_runs,
+                                  args.warmup_seconds, args.max_seconds)
     accuracy = None
     if labels is not None:
         preds = np.array([int(np.argmax(model.logits(model.run(p)))) for p in inputs])
@@ -441,7 +579,9 @@ def bench(path: str, args) -> dict:
         "artifact": os.path.basename(path), "path": path, "format": fmt, "bytes": len(blob),
         "sha256": digest, "model": meta.get("model"),
         "precision": meta.get("precision"), "metadata": meta_source,
-        "runtime": model.runtime, "runtime_version": model.version, "threads": args.threads,
+        "runtime": model.runtime, "runtime_version": model.version,
+        "threads": model.threads if fmt == "executorch" else args.threads, "threads_requested": args.threads,
+        "torch_imported": "torch" in sys.modules,
         "input": io["input"], "inputs": source, "load_ms": load_ms,
         "warmup": {"runs": len(warm), "seconds": warm_s},
         "runs": len(times), "duration_s": duration, "latency_ms": summarize(times),
@@ -456,15 +596,18 @@ def bench(path: str, args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="runner.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Time exported models (.tflite, .onnx) at batch 1 in this device's runtime; print JSON Lines.",
-        epilog="Needs numpy and one runtime: tflite-runtime, ai-edge-litert or tensorflow (TFLite); onnxruntime.")
-    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help=".tflite or .onnx file (manifest.json next to "
-                   "it supplies preprocessing; else the artifact's embedded metadata)")
+        description="Time exported models (.tflite, .onnx, .pte) at batch 1 in this device's runtime; print JSON "
+                    "Lines.",
+        epilog="Needs numpy and one runtime: tflite-runtime, ai-edge-litert or tensorflow (TFLite); onnxruntime; "
+               "executorch-numpy-runtime (torch-free) or executorch (ExecuTorch .pte).")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help=".tflite, .onnx or .pte file (manifest.json "
+                   "next to it supplies preprocessing; else the artifact's embedded metadata)")
     p.add_argument("--images", metavar="NPZ", help="uint8 'images' (N, C, H, W) and 'labels' (N,): time on these "
                    "and report top-1 accuracy (default: one random input, no accuracy)")
-    p.add_argument("--threads", type=int, default=1, help="interpreter / intra-op threads (default 1)")
-    p.add_argument("--runtime", default="auto", help="auto (default), tflite_runtime, ai_edge_litert, tensorflow, "
-                   "onnxruntime")
+    p.add_argument("--threads", type=int, default=1, help="interpreter / intra-op / ExecuTorch thread-pool threads "
+                   "(default 1; executorch_numpy_runtime cannot set them)")
+    p.add_argument("--runtime", default="auto", help="auto (default: the first found, in this order), tflite_runtime, "
+                   "ai_edge_litert, tensorflow, onnxruntime, executorch_numpy_runtime, executorch")
     p.add_argument("--warmup-runs", type=int, default=1, help="at least this many warm-up runs (default 1)")
     p.add_argument("--warmup-seconds", type=float, default=0.5, help="and at least this long (default 0.5)")
     p.add_argument("--min-runs", type=int, default=50, help="time at least this many runs (default 50)")
