@@ -49,12 +49,13 @@ TARGETS = ["tflite-fp32", "tflite-int8-static", "onnx-fp32", "onnx-int8"]
 MODELS = {"tflite": TFLiteModel, "onnx": OnnxModel}
 
 
-def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: str | None) -> list[dict]:
+def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: str | None,
+               targets: list[str] = TARGETS) -> list[dict]:
     """Export ``models`` for every target (and the fp32 targets with ``before_scan``); manifest entries with
     the target's base name and scan form added."""
     registry = load_targets()
     variants = []
-    for name in TARGETS:
+    for name in targets:
         base = registry.get(name)
         scans = [base.scan] + ([before_scan] if before_scan and base.precision == "fp32" else [])
         for scan in scans:
@@ -201,7 +202,7 @@ def bench_run(run: Path, args) -> dict:
     metrics = load_metrics(run)
     rows = {r["name"]: r for r in metrics["models"]}
     models = ["teacher"] + [r["name"] for r in metrics["models"] if r["role"] == "chain"]
-    entries = export_all(run, models, args.before_scan, args.data_dir)
+    entries = export_all(run, models, args.before_scan, args.data_dir, args.targets.split(","))
     if args.before_rev:
         entries += export_before(run, args.before_rev, args.before_scan or "unrolled")
     time_interleaved(entries, args.rounds, args.min_seconds)
@@ -272,6 +273,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated (default: %(default)s)")
     ap.add_argument("--min-seconds", type=float, default=2.0, help="per artifact per round")
     ap.add_argument("--profile-runs", type=int, default=300)
     ap.add_argument("--before-scan", default="torch", help="the fp32 targets also with this scan ('' for none)")
@@ -293,7 +295,9 @@ def main() -> int:
         env["load_average_after"] = os.getloadavg()
         command = (f"python benchmarks/device_speed.py {run}" + (f" --data-dir {args.data_dir}" if args.data_dir
                    else "") + f" --rounds {args.rounds} --min-seconds {args.min_seconds}" +
-                   (f" --before-rev {args.before_rev}" if args.before_rev else ""))
+                   (f" --before-rev {args.before_rev}" if args.before_rev else "") +
+                   (f" --targets {args.targets}" if args.targets != ",".join(TARGETS) else "") +
+                   (f" --before-scan '{args.before_scan}'" if args.before_scan != "torch" else ""))
         (out / f"device-speed-{run.name}.json").write_text(json.dumps({"environment": env, "command": command,
                                                                        **result}, indent=2) + "\n")
         (out / f"device-speed-{run.name}.md").write_text(render(result, env, command, args))
