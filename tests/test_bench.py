@@ -511,7 +511,7 @@ def test_bench_over_ssh_copies_runs_and_brings_json_back(run_copy, tmp_path, ssh
     out = capsys.readouterr().out
     assert f"device 'loop' ({sshd['connect']})" in out
     stored = json.loads((run_copy / "bench" / "loop.json").read_text())
-    assert len(stored["results"]) == 5 and stored["errors"] == {}
+    assert len(stored["results"]) == 6 and stored["errors"] == {}  # the teacher too
     for key, r in stored["results"].items():
         entry = manifest(run_copy, key.split("/")[0])[key.split("/")[1]]
         assert r["sha256"] == entry["sha256"] and r["path"] == key  # ran on the copy, under its remote name
