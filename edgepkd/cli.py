@@ -319,7 +319,7 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
         "resumed": bool(args.resume),  # wall_time_s then covers this process only; train_time_s of each
                                        # model covers all of its training, across processes
         "distributed": dist.describe(),
-        **evaluate_members(members, data, device=dist.device),
+        **evaluate_members(members, data, device=dist.device, shrinkage=recipe.distill.ensemble_shrinkage),
     }
     write_report(run.path, metrics)
     if args.json:
@@ -414,6 +414,7 @@ def cmd_evaluate(args) -> int:
     from edgepkd.data import load_run_dataset
     from edgepkd.distill.trainer import accuracy, eval_mode, predict
     from edgepkd.models import load_model, set_scan_backend
+    from edgepkd.models.ensemble import combine
     from edgepkd.recipe import load_recipe
     from edgepkd.report import load_metrics
     from edgepkd.rundir import RunDir
@@ -452,7 +453,7 @@ def cmd_evaluate(args) -> int:
         results.append({"name": row["name"], "test_acc": acc, "recorded": row["test_acc"]})
     for p in metrics["ensemble_prefixes"]:
         if all(m in logits for m in p["members"]):
-            acc = accuracy(sum(logits[m] for m in p["members"]), data.test.y)
+            acc = accuracy(combine([logits[m] for m in p["members"]], p.get("shrinkage", 1.0)), data.test.y)
             results.append({"name": p["name"], "test_acc": acc, "recorded": p["test_acc"]})
     for r in results:
         r["diff"] = abs(r["test_acc"] - r["recorded"])

@@ -26,6 +26,7 @@ import edgepkd
 from edgepkd.compress.targets import FORMAT_NEEDS, ExportTarget
 from edgepkd.compress.verify import Verification, verify
 from edgepkd.errors import EdgepkdError, RunError
+from edgepkd.models.ensemble import EnsemblePrefix
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
@@ -34,20 +35,6 @@ EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress
 
 class VerificationError(EdgepkdError):
     exit_code = 1
-
-
-class EnsemblePrefix(nn.Module):
-    """An anytime model: the sum of its members' logits, exported as one graph."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, C, H, W) -> (B, K)
-        out = self.members[0](x)
-        for m in self.members[1:]:
-            out = out + m(x)
-        return out
 
 
 @dataclass
@@ -151,10 +138,12 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     entries = []
     for c in chosen:
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
-               else EnsemblePrefix([loaded[m] for m in c.members])).eval()
+               else EnsemblePrefix([loaded[m] for m in c.members], c.info.get("shrinkage", 1.0))).eval()
         final = out_dir / f"{c.file_stem}{target.suffix}"
         tmp = out_dir / f".{c.file_stem}.tmp{target.suffix}"
-        meta = {"model": c.name, "members": c.members, "target": target.name, "precision": target.precision,
+        meta = {"model": c.name, "members": c.members, **({"shrinkage": c.info["shrinkage"]} if "shrinkage" in
+                                                          c.info else {}),
+                "target": target.name, "precision": target.precision,
                 "classes": data.classes, "preprocessing": data.preprocessing(),
                 "provenance": {"run": run.path.name, "recipe": recipe.name, "dataset": recipe.data.dataset,
                                "edgepkd_version": edgepkd.__version__, "torch_version": torch.__version__}}
