@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", action="append", default=[], metavar="NAME",
                    help="export target (repeatable); see --list-targets")
     p.add_argument("--model", metavar="NAME", action="append",
-                   help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher)")
+                   help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher; "
+                        "ensemble-members: the largest prefix's members, one file each, for early exit)")
     p.add_argument("--list-targets", action="store_true", help="list the export targets and exit")
     p.add_argument("--targets-dir", action="append", default=[], metavar="DIR",
                    help="another folder of target YAML files (./export/ is always read)")
