@@ -25,7 +25,7 @@ import torch.nn as nn
 import edgepkd
 from edgepkd.compress.targets import FORMAT_NEEDS, ExportTarget
 from edgepkd.compress.verify import Verification, verify
-from edgepkd.errors import EdgepkdError, RunError
+from edgepkd.errors import EdgepkdError, RunError, first_line
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
@@ -168,8 +168,8 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             raise
         except Exception as e:
             _cleanup(tmp)
-            raise EdgepkdError(f"export of {c.name} to {target.name} failed: {type(e).__name__}: "
-                               f"{_first_line(e)}") from None
+            raise EdgepkdError(f"export of {c.name} to {target.name} failed: "
+                               f"{first_line(e, with_type=True)}") from None
         except BaseException:
             _cleanup(tmp)
             raise
@@ -214,11 +214,6 @@ def export_targets(run_path: str, targets: list[ExportTarget], *, models: list[s
 def _cleanup(tmp: Path) -> None:
     for p in (tmp, Path(str(tmp) + ".data")):
         p.unlink(missing_ok=True)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else repr(e)
 
 
 def _entry(path: Path, c: Candidate, target: ExportTarget, runner, meta: dict, result: Verification | None) -> dict:

@@ -24,7 +24,7 @@ from edgepkd.config import to_dict
 from edgepkd.data import Dataset
 from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, eval_mode, fit,
                                      init_seeded, predict, predict_sharded, stage_seed)
-from edgepkd.errors import ConfigError
+from edgepkd.errors import ConfigError, first_line
 from edgepkd.measure.flops import FlopReport, count_flops
 from edgepkd.models import build_student, build_teacher, set_scan_backend
 from edgepkd.recipe import Recipe
@@ -240,7 +240,7 @@ class Distiller:
             model.load_state_dict({k: v.to(self.dist.device) for k, v in state.items()})
         except RuntimeError as e:
             raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not fit teacher '{t.arch}' "
-                              f"{t.args}: {str(e).splitlines()[0]}") from None
+                              f"{t.args}: {first_line(e)}") from None
         model.eval()
         return Member("teacher", "teacher", t.arch, dict(t.args), model,
                       count_flops(model, self.data.input_shape), {"loaded_from": t.checkpoint, "train_time_s": 0.0})
