@@ -83,8 +83,8 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
 
     from edgepkd.compress.export import EXPORTERS
     from edgepkd.config import to_dict
-    from edgepkd.measure.flops import count_flops
-    from edgepkd.models import build_student, export_mode
+    from edgepkd.models.flops import count_flops
+    from edgepkd.models import STUDENT_ARCH, build_model, export_mode
     from edgepkd.recipe import Recipe, load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
@@ -105,7 +105,7 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
         folder.mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(sizes):
             torch.manual_seed(0)
-            net = build_student(to_dict(spec), len(meta["classes"]), c, h).eval()
+            net = build_model(STUDENT_ARCH, to_dict(spec), len(meta["classes"]), c, h).eval()
             f = count_flops(net, (c, h, h))
             path = folder / f"s{i + 1}{target.suffix}"
             with export_mode(net, scan=scan):

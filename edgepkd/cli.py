@@ -270,7 +270,8 @@ def _distill_rank(recipe_path: str | None, args, dist) -> int:
     from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
     from edgepkd.models.scan import resolve_backend
     from edgepkd.progress import RichReporter
-    from edgepkd.report import FLOP_CONVENTION, write_report
+    from edgepkd.models.flops import FLOP_CONVENTION
+    from edgepkd.report import write_report
     from edgepkd.rundir import RunDir
 
     recipe = dist.agree(lambda: _load_recipe(recipe_path, args.set))
@@ -445,8 +446,7 @@ def cmd_evaluate(args) -> int:
         if not path.exists():
             continue  # missing (listed above) or a loaded teacher, which is not copied into the run
         model, _ = load_model(path)
-        if row["arch"] == "mamba":
-            set_scan_backend(model, recipe.scan_backend)
+        set_scan_backend(model, recipe.scan_backend)
         logits[row["name"]] = predict(eval_mode([model.to(device)]), data, data.test.x, device=device)
         acc = accuracy(logits[row["name"]], data.test.y)
         results.append({"name": row["name"], "test_acc": acc, "recorded": row["test_acc"]})

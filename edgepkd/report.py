@@ -7,9 +7,6 @@ from pathlib import Path
 
 from edgepkd.rundir import atomic_write_bytes, atomic_write_text, read_json
 
-FLOP_CONVENTION = ("FLOPs per image = 2 x MACs of conv/linear layers + selective scan 9·L·D·N (+2·L·D for the "
-                   "D skip and z gate); norms and activations not counted")
-
 
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
@@ -26,11 +23,11 @@ def model_row(r: dict) -> str:
 
 
 def architecture_table(models: list[dict]) -> list[str]:
-    """The students' hyper-parameters, one line each (models of metrics.json; non-Mamba ones skipped)."""
+    """The students' hyper-parameters, one line each (models of metrics.json; the teacher and baselines skipped)."""
     lines = ["| model | d_model | depth | d_state | expand | patch | stem | bidirectional |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in models:
-        if r["arch"] == "mamba":
+        if r["role"] in ("chain", "ensemble"):
             s = r["spec"]
             lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['expand']} | "
                          f"{s['patch_size']} | {s.get('stem', 'patch')} | {s['bidirectional']} |")

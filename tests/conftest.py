@@ -41,3 +41,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgepkd", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
+
+
+def registered_student(name: str, num_classes: int, in_chans: int, image_size: int, **args):
+    """Registered student ``name`` built as a run builds one (``build_model``): the recipes' architecture
+    (``STUDENT_ARCH``) takes the smallest d_model of the presets, which fix their own."""
+    from edgepkd.models import STUDENT_ARCH, build_model
+
+    fixed = {"d_model": 8} if name == STUDENT_ARCH else {}
+    return build_model(name, {**fixed, **args}, num_classes, in_chans, image_size)

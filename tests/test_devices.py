@@ -43,7 +43,7 @@ def test_shipped_profiles_load_and_are_listed(capsys):
 
 def test_cortex_m7_calibration_is_mlperf_tiny_resnet8_on_stm32h7a3():
     """12.5 M MACs (ResNet-8, counted by edgepkd) x 18.401 inferences/s (ST's MLPerf Tiny v1.0 result)."""
-    from edgepkd.measure.flops import count_flops
+    from edgepkd.models.flops import count_flops
     from edgepkd.models import TEACHERS
 
     macs = count_flops(TEACHERS.get("resnet8")(num_classes=10, in_chans=3, image_size=32), (3, 32, 32)).macs

@@ -53,7 +53,7 @@ def _quantizer(target: ExportTarget):
 
 
 def _module_path(node) -> str:
-    """The module a graph node of torch.export belongs to ('blocks.0.mixer.ssm.x_proj'), from nn_module_stack."""
+    """The module a graph node of torch.export belongs to ('blocks.0.mixer.fwd.x_proj'), from nn_module_stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""

@@ -25,8 +25,8 @@ from edgepkd.data import Dataset
 from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, eval_mode, fit,
                                      init_seeded, predict, predict_sharded, stage_seed)
 from edgepkd.errors import ConfigError, first_line
-from edgepkd.measure.flops import FlopReport, count_flops
-from edgepkd.models import build_student, build_teacher, set_scan_backend
+from edgepkd.models.flops import FlopReport, count_flops
+from edgepkd.models import STUDENT_ARCH, build_model, build_teacher, set_scan_backend
 from edgepkd.recipe import Recipe
 from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
 
@@ -35,7 +35,7 @@ from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
 class Member:
     stage: str                   # "teacher", "chain/s1", "ensemble/e2", ...
     role: str                    # teacher | chain | ensemble
-    arch: str                    # teacher registry name, or "mamba"
+    arch: str                    # a registered model: a teacher's name, or STUDENT_ARCH
     spec: dict                   # builder arguments
     model: nn.Module
     flops: FlopReport
@@ -54,7 +54,7 @@ def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes
     c, h, _ = input_shape
 
     def measure(spec: dict) -> FlopReport:
-        return count_flops(build_student(spec, num_classes, c, h), input_shape)
+        return count_flops(build_model(STUDENT_ARCH, spec, num_classes, c, h), input_shape)
 
     if recipe.students.sizes is not None:
         specs = [to_dict(s) for s in recipe.students.sizes]
@@ -204,10 +204,8 @@ class Distiller:
     def _build(self, arch: str, spec: dict, seed_stage: str) -> nn.Module:
         c, h, _ = self.data.input_shape
         k = self.data.num_classes
-        builder = build_student if arch == "mamba" else lambda *a: build_teacher(arch, *a)
-        model = init_seeded(lambda: builder(spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
-        if arch == "mamba":
-            set_scan_backend(model, self.recipe.scan_backend)
+        model = init_seeded(lambda: build_model(arch, spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
+        set_scan_backend(model, self.recipe.scan_backend)   # its SSM branches (a teacher has none)
         return model.to(self.dist.device)
 
     def _stage(self, stage: str, role: str, arch: str, spec: dict, targets: StageTargets | None,
@@ -261,7 +259,7 @@ class Distiller:
         if "chain" in d.strategies:
             src = teacher_src
             for i, spec in enumerate(specs):
-                m = self._stage(f"chain/s{i + 1}", "chain", "mamba", spec,
+                m = self._stage(f"chain/s{i + 1}", "chain", STUDENT_ARCH, spec,
                                 StageTargets(soft=src, temperature=d.temperature, alpha=d.alpha), train[i])
                 members.append(m)
                 if d.chain_source == "previous" and i + 1 < len(specs):
@@ -271,7 +269,7 @@ class Distiller:
             order = order if d.ensemble_order == "descending" else order[::-1]
             base: _LogitSource | None = None                                # the frozen ensemble so far
             for k, (spec, train_cfg) in enumerate(order):
-                m = self._stage(f"ensemble/e{k + 1}", "ensemble", "mamba", spec,
+                m = self._stage(f"ensemble/e{k + 1}", "ensemble", STUDENT_ARCH, spec,
                                 StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
                                              alpha=d.alpha, hard_weight=d.ensemble_hard_weight), train_cfg)
                 members.append(m)
