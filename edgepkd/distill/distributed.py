@@ -220,18 +220,18 @@ def shutdown(dist: DistContext) -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_rank(fn: Callable[[DistContext], int], device: torch.device) -> int:
+def run_rank(fn: Callable[[DistContext], T], device: torch.device) -> T:
     """Run ``fn`` as this process's part of the run (joining torchrun's group when started by it). Under DDP
     an error ends this rank with one line naming it (torchrun's agent then stops the others)."""
     dist = init_from_env(device)
     try:
-        code = fn(dist)
+        result = fn(dist)
     except BaseException as e:
         if not dist.distributed:
             raise
         raise dist.explain(e) from None  # the group is left as is: the process exits next
     shutdown(dist)
-    return code
+    return result
 
 
 def check_batch_sizes(recipe, world_size: int) -> None:
