@@ -149,6 +149,17 @@ def _unseen(run, dist):
                    "filesystem that every machine of the run shares (ranks resume from the same checkpoint)")
 
 
+def device_targets(profile) -> list:
+    """The export targets ``deploy`` writes for a device: the profile's ``export_targets``, else every built-in
+    target of its runtime's format at its precisions."""
+    from edgepkd.compress.targets import load_targets
+
+    targets = load_targets()
+    if profile.export_targets:
+        return [targets.get(n) for n in profile.export_targets]
+    return [t for _, t in targets.items() if t.format == profile.format and t.precision in profile.precisions]
+
+
 def deploy(run_path: str | Path, device, *, data_dir: str | None = None, devices_dir: Sequence[str] = (),
            options=None, log: Callable = print):
     """``distill --device`` after training: export the device's targets (``export_targets`` of the profile, else
@@ -156,14 +167,11 @@ def deploy(run_path: str | Path, device, *, data_dir: str | None = None, devices
     on the device, pick, and write RUN/selection.json. ``device``: a profile or its name. Returns the Selection;
     NothingFits (with ``.selection``) when no candidate meets every budget."""
     from edgepkd.compress.export import export_targets
-    from edgepkd.compress.targets import load_targets
     from edgepkd.measure.bench import BenchOptions
     from edgepkd.measure.pick import pick, record
 
     profile = device_profile(device, devices_dir) if isinstance(device, str) else device
-    targets = load_targets()
-    chosen = ([targets.get(n) for n in profile.export_targets] if profile.export_targets else
-              [t for _, t in targets.items() if t.format == profile.format and t.precision in profile.precisions])
+    chosen = device_targets(profile)
     log(f"device '{profile.name}': exporting for {', '.join(t.name for t in chosen)}")
     export_targets(str(run_path), chosen, data_dir=data_dir, log=log, keep_going=True)
     sel = pick(str(run_path), profile, options=options or BenchOptions(data_dir=data_dir), log=log)

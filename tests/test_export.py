@@ -23,21 +23,8 @@ READERS = {"onnx": onnx_export.read_metadata, "tflite": tflite_export.read_metad
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from conftest import TINY_RECIPE
-
-    root = tmp_path_factory.mktemp("export")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
-    assert main(["distill", str(recipe), "--out", str(root / "runs"), "--quiet"]) == 0
-    return root / "runs" / "tiny"
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    return dst
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture
@@ -57,12 +44,20 @@ def loose_targets(tmp_path):
 def test_list_targets(capsys):
     assert main(["export", "--list-targets"]) == 0
     out = capsys.readouterr().out
-    for name in ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "torch-int8"):
-        assert name in out
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == load_targets().names()
 
 
-@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-int8-weights", "tflite-fp32",
-                                  "tflite-int8", "tflite-int8-static", "tflite-int8-weights", "torch-int8"])
+# every built-in target; the ExecuTorch ones, which need the executorch package, in test_executorch.py
+BUILTIN_TARGETS = [name for name, t in load_targets().items() if t.format != "executorch"]
+
+
+def test_every_builtin_target_has_a_reader_here_or_in_test_executorch():
+    assert {t.format for _, t in load_targets().items()} - {"executorch"} <= set(READERS)
+    assert len(BUILTIN_TARGETS) >= 9
+
+
+@pytest.mark.parametrize("name", BUILTIN_TARGETS)
 def test_every_target_exports_verifies_and_describes(name, run_copy, loose_targets, capsys):
     target = name if name.endswith("fp32") else f"loose-{name}"
     assert main(["export", str(run_copy), "--target", target, "--model", "chain/s2", "--targets-dir",

@@ -21,7 +21,9 @@ def test_every_registered_student_forward_backward(name, chans, size):
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0, "no gradient reaches the patch embedding (the first parameter)"
 
 
 @pytest.mark.parametrize("name", TEACHERS.names())
@@ -29,8 +31,11 @@ def test_every_registered_student_forward_backward(name, chans, size):
 def test_every_registered_teacher_forward(name, chans, size):
     model = build_teacher(name, {}, 10, chans, size)
     out = model(torch.randn(2, chans, size, size))
-    assert out.shape == (2, 10)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0, "no gradient reaches the first layer"
 
 
 def test_resnet8_is_the_mlperf_tiny_reference_size():
