@@ -330,7 +330,8 @@ def evaluate(run, data_dir, device, tolerance, skip_missing, as_json):
 @click.option("--target", "target_names", multiple=True, metavar="NAME", shell_complete=_complete(_target_names),
               help="export target (repeatable); see --list-targets")
 @click.option("--model", "models", multiple=True, metavar="NAME",
-              help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher)")
+              help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher; ensemble-members: "
+              "the largest prefix's members, one file each, for early exit)")
 @click.option("--list-targets", is_flag=True, help="list the export targets and exit")
 @targets_dir_option
 @click.option("--keep-going", is_flag=True, help="write the models that pass verification, skip (and name) those "

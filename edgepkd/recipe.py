@@ -178,6 +178,15 @@ class DistillConfig:
     ensemble_order: Literal["ascending", "descending"] = "ascending"  # smallest first: prefixes grow in cost (anytime)
     ensemble_hard_weight: float = 0.0  # samples weigh KL(teacher || ensemble so far) ** this; 0 = uniform
     cache_teacher: bool = True         # compute teacher logits once (only when augment is 'none')
+    # Issue #15's switches (benchmarks/ensemble_ablation.py measures each on MNIST):
+    # 'cached': the frozen members' and the teacher's logits are a table over the clean training set, where the
+    # members are nearly perfect, so the residual the next member fits does not exist on new data (prediction
+    # shift). 'live': they run on every batch as the new member sees it, augmented with ensemble_augment.
+    ensemble_residual: Literal["cached", "live"] = "cached"
+    ensemble_augment: Literal["none", "crop", "crop_flip"] | None = None  # the members' augmentation; null: train's
+    ensemble_shrinkage: float = 1.0    # prefix k = shrinkage x prefix k-1 + member k (BoostNet: 0.5); 1: plain sum
+    ensemble_corrective_epochs: int = 0   # after the last member: all members fine-tuned jointly on the sum of the
+    ensemble_corrective_lr: float = 3e-4  # per-prefix losses (stop-gradient on earlier prefixes); best val epoch
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=5e-3, weight_decay=0.01))
 
     def __post_init__(self):
@@ -186,6 +195,12 @@ class DistillConfig:
         check(self.temperature > 0, "temperature", "must be positive")
         check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
         check(self.ensemble_hard_weight >= 0, "ensemble_hard_weight", "must be >= 0")
+        check(0.0 < self.ensemble_shrinkage <= 1.0, "ensemble_shrinkage", "must be in (0, 1]")
+        check(self.ensemble_corrective_epochs >= 0, "ensemble_corrective_epochs", "must be >= 0")
+        check(self.ensemble_corrective_lr > 0, "ensemble_corrective_lr", "must be positive")
+        check(self.ensemble_residual != "cached" or self.ensemble_augment in (None, "none"), "ensemble_augment",
+              "augmented members need live residuals (a table of clean-image logits would not match the batch): "
+              "set distill.ensemble_residual to live")
 
 
 def _demo_students() -> StudentsConfig:
@@ -211,6 +226,11 @@ class Recipe:
     def __post_init__(self):
         check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
               "must be a plain directory name (no '/', not starting with '.')")
+        d = self.distill
+        augment = next(a for a in (d.ensemble_augment, d.train.augment, self.data.augment) if a is not None)
+        check(d.ensemble_residual != "live" or augment != "none", "distill.ensemble_residual",
+              "'live' differs from the cache only on augmented batches: set distill.ensemble_augment to crop "
+              "(or crop_flip), or use 'cached'")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

@@ -26,6 +26,7 @@ import edgepkd
 from edgepkd.compress.targets import FORMAT_NEEDS, ExportTarget
 from edgepkd.compress.verify import Verification, verify
 from edgepkd.errors import EdgepkdError, RunError, first_line
+from edgepkd.models.ensemble import EnsemblePrefix
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
@@ -34,20 +35,6 @@ EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress
 
 class VerificationError(EdgepkdError):
     exit_code = 1
-
-
-class EnsemblePrefix(nn.Module):
-    """An anytime model: the sum of its members' logits, exported as one graph."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, C, H, W) -> (B, K)
-        out = self.members[0](x)
-        for m in self.members[1:]:
-            out = out + m(x)
-        return out
 
 
 @dataclass
@@ -69,10 +56,31 @@ def require_runtime(target: ExportTarget) -> None:
                            "pip install -e '.[export]' (or pip install 'edgepkd[export]')")
 
 
+def ensemble_members(metrics: dict) -> list[Candidate]:
+    """The members of the run's largest ensemble prefix, one standalone artifact each, for early exit on the
+    device (``edgepkd.measure.early_exit``): each carries its place and the shrinkage in ``ensemble_member``."""
+    if not metrics["ensemble_prefixes"]:
+        return []
+    last = metrics["ensemble_prefixes"][-1]
+    rows = {r["name"]: r for r in metrics["models"]}
+    return [Candidate(m, file_stem(m), [m], {**rows[m], "ensemble_member": {
+                "index": k + 1, "of": len(last["members"]), "shrinkage": last.get("shrinkage", 1.0),
+                "members": last["members"]}})
+            for k, m in enumerate(last["members"])]
+
+
 def candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> list[Candidate]:
     """The teacher and baselines (when their weights are in the run: a device choice must see what the
     students compete with), every student and every ensemble prefix (default); or the models named in ``only``,
-    by name ('chain/s2') or file stem ('chain-s2'), in that order."""
+    by name ('chain/s2') or file stem ('chain-s2'), in that order. ``only`` may name ``ensemble-members``: the
+    largest prefix's members as standalone artifacts (early exit)."""
+    if only and "ensemble-members" in only:
+        rest = [m for m in only if m != "ensemble-members"]
+        members = ensemble_members(metrics)
+        if not members:
+            raise RunError(f"--model ensemble-members: {run.path} has no ensemble")
+        chosen = candidates(run, metrics, rest) if rest else []
+        return chosen + [m for m in members if m.name not in {c.name for c in chosen}]
     def default(r: dict) -> bool:
         return r["role"] == "chain" or (r["role"] in ("teacher", "baseline")
                                         and run.weights_path(r["name"]).is_file())
@@ -151,10 +159,12 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     entries = []
     for c in chosen:
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
-               else EnsemblePrefix([loaded[m] for m in c.members])).eval()
+               else EnsemblePrefix([loaded[m] for m in c.members], c.info.get("shrinkage", 1.0))).eval()
         final = out_dir / f"{c.file_stem}{target.suffix}"
         tmp = out_dir / f".{c.file_stem}.tmp{target.suffix}"
-        meta = {"model": c.name, "members": c.members, "target": target.name, "precision": target.precision,
+        meta = {"model": c.name, "members": c.members,
+                **{k: c.info[k] for k in ("shrinkage", "ensemble_member") if k in c.info},
+                "target": target.name, "precision": target.precision,
                 "classes": data.classes, "preprocessing": data.preprocessing(),
                 "provenance": {"run": run.path.name, "recipe": recipe.name, "dataset": recipe.data.dataset,
                                "edgepkd_version": edgepkd.__version__, "torch_version": torch.__version__}}
@@ -228,6 +238,7 @@ def _entry(path: Path, c: Candidate, target: ExportTarget, runner, meta: dict, r
         "bytes": path.stat().st_size, "sha256": sha256(path),
         "params": c.info.get("params"), "macs": c.info.get("macs"), "flops": c.info.get("flops"),
         "pytorch_test_acc": c.info.get("test_acc"),
+        **({"ensemble_member": c.info["ensemble_member"]} if "ensemble_member" in c.info else {}),
         "verification": result.as_dict() if result is not None else {"passed": None, "skipped": True},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": meta["provenance"],

@@ -41,6 +41,7 @@ def evaluate_run(run_path: str, *, data_dir: str | None = None, device: str = "a
     from edgepkd.data import load_run_dataset
     from edgepkd.distill.trainer import accuracy, eval_mode, predict
     from edgepkd.models import load_model, set_scan_backend
+    from edgepkd.models.ensemble import combine
     from edgepkd.recipe import load_recipe
     from edgepkd.report import load_metrics
     from edgepkd.rundir import RunDir
@@ -74,7 +75,7 @@ def evaluate_run(run_path: str, *, data_dir: str | None = None, device: str = "a
         out.results.append({"name": row["name"], "test_acc": acc, "recorded": row["test_acc"]})
     for p in metrics["ensemble_prefixes"]:
         if all(m in logits for m in p["members"]):
-            acc = accuracy(sum(logits[m] for m in p["members"]), data.test.y)
+            acc = accuracy(combine([logits[m] for m in p["members"]], p.get("shrinkage", 1.0)), data.test.y)
             out.results.append({"name": p["name"], "test_acc": acc, "recorded": p["test_acc"]})
     for r in out.results:
         r["diff"] = abs(r["test_acc"] - r["recorded"])

@@ -40,5 +40,5 @@ def run_metrics(recipe: Recipe, run: RunDir, data: Dataset, members: list[Member
         "resumed": resumed,  # wall_time_s then covers this process only; train_time_s of each
                              # model covers all of its training, across processes
         "distributed": dist.describe(),
-        **evaluate_members(members, data, device=dist.device),
+        **evaluate_members(members, data, device=dist.device, shrinkage=recipe.distill.ensemble_shrinkage),
     }

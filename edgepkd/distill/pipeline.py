@@ -25,8 +25,9 @@ from edgepkd.data import Dataset
 from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, eval_mode, fit,
                                      init_seeded, predict, predict_sharded, stage_seed)
 from edgepkd.errors import ConfigError, first_line
-from edgepkd.models.flops import FlopReport, count_flops
 from edgepkd.models import STUDENT_ARCH, build_model, build_teacher, set_scan_backend
+from edgepkd.models.ensemble import Corrective, combine
+from edgepkd.models.flops import FlopReport, count_flops
 from edgepkd.recipe import Recipe
 from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
 
@@ -177,12 +178,20 @@ class _LogitSource:
         fn = eval_mode(models)
         return cls(fn, predict_sharded(fn, data, data.train.x, dist) if cache else None)
 
-    def plus(self, model: nn.Module, data: Dataset, dist: DistContext) -> "_LogitSource":
-        """Sum of these logits and ``model``'s, added in the order ``eval_mode`` adds them (bit-identical)."""
+    def plus(self, model: nn.Module, data: Dataset, dist: DistContext, shrinkage: float = 1.0) -> "_LogitSource":
+        """The next prefix: these logits shrunk, plus ``model``'s, in the order ``combine`` uses (bit-identical
+        to evaluation and export)."""
         one = _LogitSource.of([model], data, self.table is not None, dist)
-        table = self.table + one.table if self.table is not None else None
+        table = combine([self.table, one.table], shrinkage) if self.table is not None else None
         before, after = self.fn, one.fn                                     # not self / one: their tables go
-        return _LogitSource(lambda x: before(x) + after(x), table)
+        return _LogitSource(lambda x: combine([before(x), after(x)], shrinkage), table)
+
+    def scaled(self, s: float) -> "_LogitSource":
+        """These logits times ``s`` (the frozen prefix as the next member sees it); itself when s == 1."""
+        if s == 1.0:
+            return self
+        fn = self.fn
+        return _LogitSource(lambda x: fn(x) * s, self.table * s if self.table is not None else None)
 
     def __call__(self, idx: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         return self.table[idx].to(x.device) if self.table is not None and idx is not None else self.fn(x)
@@ -265,22 +274,80 @@ class Distiller:
                 if d.chain_source == "previous" and i + 1 < len(specs):
                     src = _LogitSource.of([m.model], self.data, self.cache, self.dist)
         if "ensemble" in d.strategies:
-            order = list(zip(specs, train))
-            order = order if d.ensemble_order == "descending" else order[::-1]
-            base: _LogitSource | None = None                                # the frozen ensemble so far
-            for k, (spec, train_cfg) in enumerate(order):
-                m = self._stage(f"ensemble/e{k + 1}", "ensemble", STUDENT_ARCH, spec,
-                                StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
-                                             alpha=d.alpha, hard_weight=d.ensemble_hard_weight), train_cfg)
-                members.append(m)
-                if k + 1 < len(order):
-                    base = (base.plus(m.model, self.data, self.dist) if base is not None else
-                            _LogitSource.of([m.model], self.data, self.cache, self.dist))
+            members += self._ensemble(specs, train, teacher, teacher_src)
         return members
 
+    def _ensemble(self, specs: list[dict], train: list, teacher: Member, teacher_src: "_LogitSource"
+                  ) -> list[Member]:
+        """Members trained one after another on the frozen prefix so far (shrunk), then, with
+        ``ensemble_corrective_epochs``, the corrective step: stages ``ensemble/c1..cM`` hold the corrected
+        members (the prefixes of metrics.json use them), ``ensemble/e1..eM`` stay as trained."""
+        d = self.recipe.distill
+        augment = d.ensemble_augment if d.ensemble_augment is not None else self._augment(d.train)
+        live = d.ensemble_residual == "live"
+        cache = self.cache and not live and augment == "none"
+        if cache != self.cache:   # live: the teacher and the frozen members run on each batch as the member sees it
+            teacher_src = _LogitSource.of([teacher.model], self.data, cache, self.dist)
+        order = list(zip(specs, [dataclasses.replace(t, augment=augment) for t in train]))
+        order = order if d.ensemble_order == "descending" else order[::-1]
+        prefix: _LogitSource | None = None                                  # the frozen ensemble so far
+        out = []
+        for k, (spec, train_cfg) in enumerate(order):
+            base = prefix.scaled(d.ensemble_shrinkage) if prefix is not None else None
+            m = self._stage(f"ensemble/e{k + 1}", "ensemble", STUDENT_ARCH, spec,
+                            StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
+                                         alpha=d.alpha, hard_weight=d.ensemble_hard_weight), train_cfg)
+            out.append(m)
+            if k + 1 < len(order):
+                prefix = (prefix.plus(m.model, self.data, self.dist, d.ensemble_shrinkage) if prefix is not None
+                          else _LogitSource.of([m.model], self.data, cache, self.dist))
+        if d.ensemble_corrective_epochs and len(out) > 1:
+            out += self._corrective(out, teacher_src, order[-1][1])
+        return out
 
-def evaluate_members(members: list[Member], data: Dataset, device="cpu") -> dict:
-    """Test-split metrics for every model and every ensemble prefix (the numbers in metrics.json)."""
+    def _corrective(self, trained: list[Member], teacher_src: "_LogitSource", last_cfg) -> list[Member]:
+        """BoostNet's corrective step: all members fine-tuned together on the sum of the per-prefix losses,
+        at a low learning rate, keeping the best validation epoch (epoch 0, the members as trained, included)."""
+        d = self.recipe.distill
+        stage = "ensemble/corrective"
+        models = []
+        for m in trained:                       # fresh copies: the trained members stay as they are
+            copy = self._build(STUDENT_ARCH, m.spec, m.stage)
+            copy.load_state_dict(m.model.state_dict())
+            models.append(copy)
+        net = Corrective(models, d.ensemble_shrinkage).to(self.dist.device)
+        names = [f"ensemble/c{k + 1}" for k in range(len(trained))]
+        done = self.run.state()["stages"].get(stage)
+        if done is not None and all(self.run.weights_path(n).exists() for n in names):
+            for model, name in zip(models, names):
+                model.load_state_dict({k: v.to(self.dist.device)
+                                       for k, v in load_safetensors(self.run.weights_path(name))[0].items()})
+            info = done
+        else:
+            cfg = dataclasses.replace(last_cfg, epochs=d.ensemble_corrective_epochs, lr=d.ensemble_corrective_lr,
+                                      warmup_epochs=0.0)
+            info = fit(net, self.data, cfg, stage=stage, seed=self.recipe.seed, augment_mode=cfg.augment,
+                       targets=StageTargets(soft=teacher_src, temperature=d.temperature, alpha=d.alpha),
+                       run=self.run, reporter=self.reporter, dist=self.dist, keep_best=True)
+        out = []
+        for m, model, name in zip(trained, models, names):
+            model.eval()
+            out.append(Member(name, "ensemble", STUDENT_ARCH, m.spec, model, m.flops,
+                              {"corrected_from": m.stage, "train_time_s": m.info.get("train_time_s"),
+                               "val_acc": None, "corrective": {k: info.get(k) for k in
+                                                               ("train_time_s", "best_epoch", "val_acc")}}))
+        if done is None and self.dist.is_main:
+            for member in out:
+                save_safetensors(self.run.weights_path(member.stage), member.model.state_dict(),
+                                 _weights_meta(member, self.recipe, self.data))
+            self.run.finish_stage(stage, info)
+        return out
+
+
+def evaluate_members(members: list[Member], data: Dataset, device="cpu", shrinkage: float = 1.0) -> dict:
+    """Test-split metrics for every model and every ensemble prefix (the numbers in metrics.json). After a
+    corrective step the prefixes are those of the corrected members; ``ensemble_prefixes_uncorrected`` keeps
+    the members' as trained."""
     teacher_flops = members[0].flops.flops
     logits = {m.stage: predict(eval_mode([m.model]), data, data.test.x, device=device) for m in members}
     rows = []
@@ -291,18 +358,27 @@ def evaluate_members(members: list[Member], data: Dataset, device="cpu") -> dict
             "mflops": m.flops.flops / 1e6, "pct_teacher_flops": 100.0 * m.flops.flops / teacher_flops,
             "bytes": m.flops.bytes(), "test_acc": accuracy(logits[m.stage], data.test.y),
             "val_acc": m.info.get("val_acc"), "train_time_s": m.info.get("train_time_s"),
+            **({"corrected_from": m.info["corrected_from"]} if "corrected_from" in m.info else {}),
         })
-    prefixes = []
-    ens = [m for m in members if m.role == "ensemble"]
-    total = None
-    for k, m in enumerate(ens, start=1):
-        total = logits[m.stage] if total is None else total + logits[m.stage]
-        flops = sum(e.flops.flops for e in ens[:k])
-        prefixes.append({
-            "name": f"ensemble[1..{k}]", "members": [e.stage for e in ens[:k]],
-            "params": sum(e.flops.params for e in ens[:k]), "macs": sum(e.flops.macs for e in ens[:k]),
-            "flops": flops, "mflops": flops / 1e6, "pct_teacher_flops": 100.0 * flops / teacher_flops,
-            "test_acc": accuracy(total, data.test.y),
-            "train_time_s": sum(e.info.get("train_time_s") or 0.0 for e in ens[:k]),
-        })
-    return {"models": rows, "ensemble_prefixes": prefixes}
+
+    def prefixes(ens: list[Member]) -> list[dict]:
+        out = []
+        for k in range(1, len(ens) + 1):
+            flops = sum(e.flops.flops for e in ens[:k])
+            extra = ens[0].info.get("corrective", {}).get("train_time_s") or 0.0
+            out.append({
+                "name": f"ensemble[1..{k}]", "members": [e.stage for e in ens[:k]], "shrinkage": shrinkage,
+                "params": sum(e.flops.params for e in ens[:k]), "macs": sum(e.flops.macs for e in ens[:k]),
+                "flops": flops, "mflops": flops / 1e6, "pct_teacher_flops": 100.0 * flops / teacher_flops,
+                "test_acc": accuracy(combine([logits[e.stage] for e in ens[:k]], shrinkage), data.test.y),
+                "train_time_s": sum(e.info.get("train_time_s") or 0.0 for e in ens[:k]) + extra,
+            })
+        return out
+
+    ens = [m for m in members if m.role == "ensemble" and "corrected_from" not in m.info]
+    corrected = [m for m in members if m.role == "ensemble" and "corrected_from" in m.info]
+    result = {"models": rows, "ensemble_prefixes": prefixes(corrected or ens)}
+    if corrected:
+        result["ensemble_prefixes_uncorrected"] = prefixes(ens)
+        result["ensemble_corrective"] = corrected[0].info["corrective"]
+    return result

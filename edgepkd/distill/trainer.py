@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from edgepkd.data import Dataset, augment
 from edgepkd.distill.distributed import DistContext
 from edgepkd.distill.losses import hardness_weights, kd_loss
+from edgepkd.models.ensemble import combine
 from edgepkd.recipe import TrainConfig
 from edgepkd.rundir import RunDir
 
@@ -105,11 +106,12 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
     return 100.0 * (logits.argmax(-1) == y).float().mean().item() if len(y) else None
 
 
-def eval_mode(models: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Sum of the models' logits, each in eval mode (an ensemble prefix, or one model)."""
+def eval_mode(models: list[nn.Module], shrinkage: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The models in eval mode, their logits combined as an ensemble prefix (``models.ensemble.combine``);
+    one model: its logits."""
     for m in models:
         m.eval()
-    return lambda x: sum(m(x) for m in models)
+    return lambda x: combine([m(x) for m in models], shrinkage)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class StageTargets:
     """What a stage learns from besides labels."""
 
     soft: Logits | None = None     # teacher / previous student logits
-    base: Logits | None = None     # frozen logits of the ensemble so far (added to the model's output)
+    base: Logits | None = None     # frozen logits of the ensemble so far, shrunk (added to the model's output)
     temperature: float = 4.0
     alpha: float = 1.0             # 1.0: labels only
     hard_weight: float = 0.0       # ensemble: sample weight = KL(soft || base) ** hard_weight
@@ -125,10 +127,14 @@ class StageTargets:
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: int, augment_mode: str,
         targets: StageTargets, run: RunDir | None, reporter: Reporter | None = None,
-        dist: DistContext | None = None) -> dict:
+        dist: DistContext | None = None, keep_best: bool = False) -> dict:
     """Train ``model`` for ``cfg.epochs`` epochs, resuming from the stage checkpoint in ``run`` if any.
 
-    Returns {"train_time_s", "history": [per-epoch stats], "val_acc"}.
+    A model whose training-mode output is (B, M, K) (``models.ensemble.Corrective``) learns from the sum of
+    its M prefixes' losses. ``keep_best``: validation early stopping; the model ends with the weights of its
+    best validation epoch, the weights it started with (epoch 0) included, kept in the run as ``STAGE-best``.
+
+    Returns {"train_time_s", "history": [per-epoch stats], "val_acc"} (+ "best_epoch" with keep_best).
     """
     dist = dist or DistContext()
     reporter = reporter or SilentReporter()
@@ -152,6 +158,16 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
     val_base = (predict(lambda x: targets.base(None, x), data, data.val.x[dist.shard(len(data.val))],
                         device=dist.device) if targets.base is not None else None)  # (rows, K)
 
+    best_stage = stage + "-best"
+    if keep_best and (info is None or "best_val" not in info):
+        # epoch 0: the weights the stage starts from compete with every epoch's (val of the full model)
+        best_val = _val_acc(model, data, val_base, dist)
+        best_epoch = 0
+        if run is not None and dist.is_main:
+            run.save_checkpoint(best_stage, model, optimizer, {"epoch": 0, "val_acc": best_val})
+    elif keep_best:
+        best_val, best_epoch = info["best_val"], info["best_epoch"]
+
     reporter.stage_start(stage, cfg.epochs, steps_per_epoch, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(stage_seed(seed, stage, epoch))
@@ -165,15 +181,41 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, stage: str, seed: 
                            targets=targets, val_base=val_base, reporter=reporter, dist=dist)
         train_time += stats.pop("train_s")
         history.append(stats)
+        extra = {}
+        if keep_best:
+            if stats["val_acc"] is not None and stats["val_acc"] > best_val:
+                best_val, best_epoch = stats["val_acc"], epoch + 1
+                if run is not None and dist.is_main:
+                    run.save_checkpoint(best_stage, model, optimizer, {"epoch": epoch + 1, "val_acc": best_val})
+            extra = {"best_val": best_val, "best_epoch": best_epoch}
         if run is not None and dist.is_main:
             run.save_checkpoint(stage, model, optimizer,
-                                {"epoch": epoch + 1, "history": history, "train_time_s": train_time})
+                                {"epoch": epoch + 1, "history": history, "train_time_s": train_time, **extra})
         dist.barrier()  # no rank starts the next epoch before this one is on disk: a failure can resume it
         reporter.epoch_end(stage, epoch + 1, cfg.epochs, stats)
     reporter.stage_end(stage)
     model.eval()
-    return {"train_time_s": train_time, "history": history,
-            "val_acc": history[-1]["val_acc"] if history else None}
+    result = {"train_time_s": train_time, "history": history,
+              "val_acc": history[-1]["val_acc"] if history else None}
+    if keep_best:
+        if best_epoch != len(history) and run is not None:
+            run.load_checkpoint(best_stage, model, optimizer)
+        if run is not None and dist.is_main:
+            run.checkpoint_path(best_stage).unlink(missing_ok=True)
+        model.eval()
+        result.update(val_acc=best_val, best_epoch=best_epoch)
+    return result
+
+
+def _val_acc(model: nn.Module, data: Dataset, val_base: torch.Tensor | None, dist: DistContext) -> float | None:
+    """Validation top-1 of ``model`` (+ the frozen base), every rank its block, counts summed."""
+    model.eval()
+    rows = dist.shard(len(data.val))
+    logits = predict(model, data, data.val.x[rows], device=dist.device)                  # (rows, K)
+    if val_base is not None:
+        logits = logits + val_base
+    correct, = dist.sum([(logits.argmax(-1) == data.val.y[rows]).sum().item()])
+    return 100.0 * correct / len(data.val) if len(data.val) else None
 
 
 def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: TrainConfig, *, stage: str,
@@ -202,10 +244,15 @@ def _epoch(trained: nn.Module, model: nn.Module, optimizer, data: Dataset, cfg: 
             base = targets.base(idx, x) if targets.base is not None else None             # (B, K)
             weight = (hardness_weights(soft, base, targets.temperature, targets.hard_weight)
                       if base is not None and soft is not None and targets.hard_weight > 0 else None)
-        logits = trained(x)                                                                # (B, K)
+        logits = trained(x)                                                    # (B, K), or (B, M, K) prefixes
         if base is not None:
             logits = logits + base
-        loss = kd_loss(logits, y, soft, targets.temperature, targets.alpha, cfg.label_smoothing, weight)
+        if logits.ndim == 3:   # every prefix of an ensemble: the sum of their losses; stats of the full one
+            loss = sum(kd_loss(logits[:, k], y, soft, targets.temperature, targets.alpha, cfg.label_smoothing,
+                               weight) for k in range(logits.shape[1]))
+            logits = logits[:, -1]                                                         # (B, K)
+        else:
+            loss = kd_loss(logits, y, soft, targets.temperature, targets.alpha, cfg.label_smoothing, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:

@@ -125,8 +125,9 @@ def _from_folder(folder: Path, profile: DeviceProfile, explicit: bool) -> list[A
     if explicit:
         for a in arts:
             _check_format(a, profile)
+    # an ensemble's standalone members (early exit, edgepkd.measure.early_exit) are not models on their own
     return [a for a in arts if a.entry.get("format") == profile.format and a.entry.get("precision") in
-            profile.precisions]
+            profile.precisions and "ensemble_member" not in a.entry]
 
 
 def resolve(paths: list[str], profile: DeviceProfile) -> list[Artifact]:

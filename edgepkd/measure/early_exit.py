@@ -1,0 +1,240 @@
+"""Early exit for an anytime ensemble, measured in the device's runtime.
+
+The members of the largest prefix are exported one file each (``edgepkd export RUN --target T --model
+ensemble-members``). On each test image they run one after another; after member k the running prefix
+P_k = s · P_{k-1} + f_k (``models.ensemble.combine``, here in numpy) is checked, and the image exits at the
+first k whose confidence, the maximum softmax probability of P_k, is at least θ. θ = 1 never exits early: the
+answer is the full prefix's.
+
+How it is timed: every image runs every member in order, and each member's step (input quantization, invoke,
+output dequantization, the combine and the confidence check) is timed as it ran. An image's latency at θ is the
+sum of its steps up to its exit member; a member after the exit would not have run. So one pass over the test
+split gives the whole θ sweep. A reference model (by default the most accurate single student in the same
+export folder) runs on the same image, just before the members or just after them, alternating per image, so
+the two are compared side by side under the same machine load.
+
+Everything here needs only numpy and the runtime (the runner's adapters), as on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_THETAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+def confidence(logits) -> float:
+    """Maximum softmax probability of one logit vector (K,), in float64."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return float(1.0 / e.sum())
+
+
+@dataclass
+class Trace:
+    """Per image and member: the time of member k's step (s), the prefix's prediction and confidence."""
+
+    step_s: "object"        # (N, M) float64
+    pred: "object"          # (N, M) int
+    conf: "object"          # (N, M) float64
+    ref_s: "object"         # (N,) float64, or None without a reference
+    ref_pred: "object"      # (N,) int, or None
+
+
+def trace(members: list, x, shrinkage: float, reference=None, repeats: int = 3) -> Trace:
+    """Run ``members`` (runner models: prepare/run/logits) in order on every image of ``x`` (N, C, H, W) float32,
+    and ``reference`` (one runner model) beside them, ``repeats`` passes; each step's time is its median over the
+    passes (one pass alone catches page faults and scheduler hiccups in single images)."""
+    import numpy as np
+
+    passes = [_trace_once(members, x, shrinkage, reference) for _ in range(max(1, repeats))]
+    first = passes[0]
+    return Trace(np.median([p.step_s for p in passes], axis=0), first.pred, first.conf,
+                 None if reference is None else np.median([p.ref_s for p in passes], axis=0), first.ref_pred)
+
+
+def _trace_once(members: list, x, shrinkage: float, reference=None) -> Trace:
+    import numpy as np
+
+    from edgepkd.models.ensemble import combine
+
+    n, m = len(x), len(members)
+    step_s, pred = np.zeros((n, m)), np.zeros((n, m), dtype=np.int64)
+    conf = np.zeros((n, m))
+    ref_s = np.zeros(n) if reference is not None else None
+    ref_pred = np.zeros(n, dtype=np.int64) if reference is not None else None
+    clock = time.perf_counter
+
+    def run_reference(i):
+        t0 = clock()
+        out = reference.logits(reference.run(reference.prepare(x[i:i + 1])))     # (1, K)
+        ref_s[i] = clock() - t0
+        ref_pred[i] = int(out[0].argmax())
+
+    for i in range(n):
+        if reference is not None and i % 2 == 0:
+            run_reference(i)
+        prefix = None
+        for k, model in enumerate(members):
+            t0 = clock()
+            f = model.logits(model.run(model.prepare(x[i:i + 1])))                 # (1, K)
+            prefix = f if prefix is None else combine([prefix, f], shrinkage)      # (1, K)
+            c = confidence(prefix[0])
+            step_s[i, k] = clock() - t0
+            conf[i, k], pred[i, k] = c, int(prefix[0].argmax())
+        if reference is not None and i % 2 == 1:
+            run_reference(i)
+    return Trace(step_s, pred, conf, ref_s, ref_pred)
+
+
+def exits(tr: Trace, theta: float):
+    """Index of each image's exit member at ``theta`` (N,): the first k with confidence >= theta; the last
+    member when none is, and always when theta >= 1."""
+    import numpy as np
+
+    last = tr.conf.shape[1] - 1
+    if theta >= 1.0:
+        return np.full(len(tr.conf), last)
+    hit = tr.conf >= theta                                                         # (N, M)
+    return np.where(hit.any(1), hit.argmax(1), last)
+
+
+def sweep(tr: Trace, labels, thetas=DEFAULT_THETAS) -> list[dict]:
+    """One row per θ: accuracy, mean / p50 / p90 latency (ms), members run on average, and the worst case."""
+    import numpy as np
+
+    cum = np.cumsum(tr.step_s, axis=1)                                             # (N, M)
+    rows = []
+    for theta in thetas:
+        k = exits(tr, theta)
+        lat = cum[np.arange(len(k)), k] * 1e3                                      # (N,) ms
+        rows.append({"theta": float(theta), "accuracy": 100.0 * float((tr.pred[np.arange(len(k)), k] == labels)
+                                                                        .mean()),
+                     "mean_ms": float(lat.mean()), "p50_ms": float(np.percentile(lat, 50)),
+                     "p90_ms": float(np.percentile(lat, 90)), "max_ms": float(lat.max()),
+                     "mean_members": float(k.mean() + 1),
+                     "exit_histogram": np.bincount(k, minlength=cum.shape[1]).tolist()})
+    return rows
+
+
+def choose(rows: list[dict], mean_ms: float | None = None, min_accuracy: float | None = None) -> dict | None:
+    """The most accurate θ whose mean latency fits ``mean_ms`` (ties: the faster); with ``min_accuracy``
+    instead, the fastest θ that reaches it. None when nothing fits."""
+    fit = [r for r in rows if (mean_ms is None or r["mean_ms"] <= mean_ms)
+           and (min_accuracy is None or r["accuracy"] >= min_accuracy)]
+    if not fit:
+        return None
+    if min_accuracy is not None and mean_ms is None:
+        return min(fit, key=lambda r: (r["mean_ms"], -r["accuracy"]))
+    return max(fit, key=lambda r: (r["accuracy"], -r["mean_ms"]))
+
+
+def member_entries(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(the ensemble's member entries in order, the other entries) of an export folder's manifest."""
+    from edgepkd.errors import RunError
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise RunError(f"{folder}: no manifest.json; export first (edgepkd export RUN --target {folder.name} "
+                       "--model ensemble-members)")
+    entries = json.loads(manifest.read_text())["artifacts"]
+    members = sorted((e for e in entries if "ensemble_member" in e), key=lambda e: e["ensemble_member"]["index"])
+    if not members:
+        raise RunError(f"{folder}: no ensemble members exported; run edgepkd export {folder.parent.parent} "
+                       f"--target {folder.name} --model ensemble-members")
+    want = members[0]["ensemble_member"]["members"]
+    if [e["model"] for e in members] != want:
+        missing = [m for m in want if m not in {e["model"] for e in members}]
+        raise RunError(f"{folder}: ensemble members missing from the export: {', '.join(missing)}; export them "
+                       "again with --model ensemble-members")
+    return members, [e for e in entries if "ensemble_member" not in e]
+
+
+def measure(run_path: str, target: str, *, reference: str | None = None, thetas=DEFAULT_THETAS,
+            threads: int = 1, limit: int | None = None, repeats: int = 3, data_dir: str | None = None,
+            log=print) -> dict:
+    """Trace the run's exported ensemble members (export folder ``target``) on the test split in this machine's
+    runtime, sweep θ, and write ``RUN/bench/early-exit-<target>.json``. ``reference``: the single model timed
+    beside them (default: the most accurate chain student exported there)."""
+    import numpy as np
+
+    from edgepkd.errors import RunError
+    from edgepkd.measure.bench import test_images
+    from edgepkd.measure.runner import open_model, preprocess
+    from edgepkd.rundir import atomic_write_json
+
+    run = Path(run_path)
+    folder = run / "export" / target
+    members, others = member_entries(folder)
+    singles = [e for e in others if str(e.get("model", "")).startswith("chain/")]
+    if reference is not None:
+        singles = [e for e in others if reference in (e["model"], Path(e["file"]).stem)]
+        if not singles:
+            raise RunError(f"--reference {reference}: not exported in {folder} (exported: "
+                           f"{', '.join(e['model'] for e in others) or 'nothing else'})")
+    ref = max(singles, key=lambda e: e.get("verification", {}).get("accuracy") or -1) if singles else None
+    with np.load(test_images(run, data_dir, log)) as z:
+        images, labels = z["images"], z["labels"]
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    x = preprocess(images, members[0]["preprocessing"])                           # (N, C, H, W) float32
+    models = [open_model(str(folder / e["file"]), threads) for e in members]
+    ref_model = open_model(str(folder / ref["file"]), threads) if ref is not None else None
+    for mdl in models + ([ref_model] if ref_model else []):                       # warm up every interpreter
+        mdl.run(mdl.prepare(x[:1]))
+    shrinkage = members[0]["ensemble_member"]["shrinkage"]
+    log(f"early exit: {len(members)} members of {target}, {len(x)} test images"
+        + (f", beside {ref['model']}" if ref else ""))
+    tr = trace(models, x, shrinkage, ref_model, repeats)
+    rows = sweep(tr, labels, thetas)
+    all_ms = tr.step_s.sum(1) * 1e3                                               # (N,)
+    out = {"run": str(run), "target": target, "runtime": f"{models[0].runtime} {models[0].version}",
+           "threads": threads, "images": int(len(x)), "repeats": repeats, "members": [e["model"] for e in members],
+           "shrinkage": shrinkage, "sweep": rows,
+           "member_step_ms": (tr.step_s.mean(0) * 1e3).tolist(),
+           "full_prefix_accuracy": 100.0 * float((tr.pred[:, -1] == labels).mean()),
+           "all_members_ms": {"mean": float(all_ms.mean()), "p90": float(np.percentile(all_ms, 90)),
+                              "max": float(all_ms.max())},                     # the worst case: no exit
+           "timing": "per image, each member's step timed as it ran (median of the passes); latency at θ = "
+                     "the steps up to the exit"}
+    if ref is not None:
+        lat = tr.ref_s * 1e3
+        out["reference"] = {"model": ref["model"], "file": ref["file"],
+                            "accuracy": 100.0 * float((tr.ref_pred == labels).mean()),
+                            "mean_ms": float(lat.mean()), "p50_ms": float(np.percentile(lat, 50)),
+                            "p90_ms": float(np.percentile(lat, 90))}
+        best = choose(rows, min_accuracy=out["reference"]["accuracy"])
+        out["at_reference_accuracy"] = None if best is None else {
+            **best, "mean_ratio": best["mean_ms"] / out["reference"]["mean_ms"]}
+    atomic_write_json(run / "bench" / f"early-exit-{target}.json", out)
+    return out
+
+
+def render(res: dict, picked: dict | None = None) -> str:
+    lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}), {res['target']}, "
+             f"{res['runtime']}, {res['threads']} thread(s), {res['images']} test images"]
+    lines.append(f"{'theta':>7} {'acc %':>7} {'mean ms':>8} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} "
+                 f"{'members':>8}")
+    for r in res["sweep"]:
+        mark = "  <- picked" if picked is not None and r["theta"] == picked["theta"] else ""
+        lines.append(f"{r['theta']:>7g} {r['accuracy']:>7.2f} {r['mean_ms']:>8.4f} {r['p50_ms']:>8.4f} "
+                     f"{r['p90_ms']:>8.4f} {r['max_ms']:>8.4f} {r['mean_members']:>8.2f}{mark}")
+    if res.get("reference"):
+        ref = res["reference"]
+        lines.append(f"reference {ref['model']}: acc {ref['accuracy']:.2f} %, mean {ref['mean_ms']:.4f} ms, "
+                     f"p90 {ref['p90_ms']:.4f} ms (same images, same run)")
+        at = res.get("at_reference_accuracy")
+        lines.append("at the reference's accuracy: " + ("no θ reaches it" if at is None else
+                     f"θ = {at['theta']:g}, acc {at['accuracy']:.2f} %, mean {at['mean_ms']:.4f} ms = "
+                     f"{at['mean_ratio']:.2f}x the reference's"))
+    if picked is not None:
+        worst = res["all_members_ms"]
+        lines.append(f"picked θ = {picked['theta']:g}: mean {picked['mean_ms']:.4f} ms, acc "
+                     f"{picked['accuracy']:.2f} %; worst case, all {len(res['members'])} members: p90 "
+                     f"{worst['p90']:.4f} ms, max {worst['max']:.4f} ms")
+    return "\n".join(lines)

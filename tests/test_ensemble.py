@@ -1,0 +1,191 @@
+"""Issue #15's ensemble switches: shrinkage, live residuals, the corrective step, and their exports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from conftest import TINY_RECIPE
+from edgepkd.cli import main
+from edgepkd.models.ensemble import Corrective, EnsemblePrefix, combine, prefix_weights
+from edgepkd.rundir import RunDir, load_safetensors
+
+SWITCHES = ["--set", "distill.ensemble_shrinkage=0.5", "--set", "distill.ensemble_corrective_epochs=2",
+            "--set", "distill.ensemble_residual=live", "--set", "distill.ensemble_augment=crop"]
+
+
+def distill(recipe, out, *extra):
+    return main(["distill", str(recipe), "--out", str(out), "--quiet", *extra])
+
+
+def test_combine_is_the_weighted_sum_in_tensors_and_arrays():
+    g = torch.Generator().manual_seed(0)
+    fs = [torch.randn(5, 3, generator=g) for _ in range(4)]
+    for s in (1.0, 0.5, 0.8):
+        want = sum(w * f for w, f in zip(prefix_weights(4, s), fs))
+        torch.testing.assert_close(combine(fs, s), want)
+        np.testing.assert_allclose(combine([f.numpy() for f in fs], s), want.numpy(), rtol=1e-6, atol=1e-6)
+    assert prefix_weights(3, 0.5) == [0.25, 0.5, 1.0]
+    assert torch.equal(combine(fs, 1.0), fs[0] + fs[1] + fs[2] + fs[3])   # s = 1: the plain sum, bit for bit
+
+
+def test_corrective_stops_gradients_at_the_earlier_prefix():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    net = Corrective([a, b], shrinkage=0.5).train()
+    x = torch.randn(6, 4)
+    out = net(x)                                                             # (B, M, K)
+    assert out.shape == (6, 2, 3)
+    torch.testing.assert_close(out[:, 1], 0.5 * a(x) + b(x))
+    out[:, 1].sum().backward()                                               # prefix 2's loss only
+    assert a.weight.grad is None or torch.count_nonzero(a.weight.grad) == 0
+    assert torch.count_nonzero(b.weight.grad) > 0
+    net.eval()
+    torch.testing.assert_close(net(x), EnsemblePrefix([a, b], 0.5)(x))
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["distill.ensemble_residual=live"], "distill.ensemble_residual"),
+    (["distill.ensemble_augment=crop"], "distill.ensemble_augment"),
+    (["distill.ensemble_shrinkage=0"], "distill.ensemble_shrinkage"),
+    (["distill.ensemble_corrective_epochs=-1"], "distill.ensemble_corrective_epochs"),
+])
+def test_bad_switches_are_one_line_errors_naming_the_key(tiny_recipe, tmp_path, capsys, sets, key):
+    args = [a for s in sets for a in ("--set", s)]
+    assert distill(tiny_recipe, tmp_path / "runs", "--dry-run", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err, err
+
+
+@pytest.fixture(scope="module")
+def switched_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("switched")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE, sort_keys=False))
+    assert distill(recipe, root / "runs", *SWITCHES) == 0
+    return recipe, root / "runs" / "tiny"
+
+
+@pytest.mark.slow
+def test_switched_run_records_corrected_prefixes_and_evaluate_reproduces_them(switched_run, capsys):
+    _, run = switched_run
+    m = json.loads((run / "metrics.json").read_text())
+    assert [p["members"] for p in m["ensemble_prefixes"]] == [["ensemble/c1"], ["ensemble/c1", "ensemble/c2"]]
+    assert all(p["shrinkage"] == 0.5 for p in m["ensemble_prefixes"])
+    assert [p["members"] for p in m["ensemble_prefixes_uncorrected"]] == [["ensemble/e1"],
+                                                                           ["ensemble/e1", "ensemble/e2"]]
+    assert 0 <= m["ensemble_corrective"]["best_epoch"] <= 2
+    assert (run / "weights" / "ensemble-c2.safetensors").is_file()
+    assert not list((run / "checkpoints").glob("*")), "stage checkpoints (and the -best one) are removed"
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["max_diff"] == 0 and {r["name"] for r in ev["results"]} >= {"ensemble[1..2]", "ensemble/c2"}
+
+
+@pytest.mark.slow
+def test_shrunk_corrected_prefix_exports_and_matches_pytorch(switched_run, tmp_path, capsys):
+    import onnxruntime as ort
+
+    from edgepkd.data import load_run_dataset
+    from edgepkd.models import load_model
+    from edgepkd.recipe import load_recipe
+
+    _, run = switched_run
+    assert main(["export", str(run), "--target", "onnx-fp32", "--model", "ensemble[1..2]", "--json"]) == 0
+    path = run / "export" / "onnx-fp32" / "ensemble-1-2.onnx"
+    from edgepkd.compress.onnx_export import read_metadata
+
+    sess = ort.InferenceSession(str(path))
+    meta = read_metadata(path)
+    assert meta["shrinkage"] == 0.5 and meta["members"] == ["ensemble/c1", "ensemble/c2"]
+    rd = RunDir(run)
+    data = load_run_dataset(rd, load_recipe(rd.recipe_path), None, lambda *a: None)
+    x = data.normalize(data.test.x)                                          # (N, C, H, W)
+    members = [load_model(rd.weights_path(n))[0] for n in meta["members"]]
+    with torch.no_grad():
+        want = EnsemblePrefix(members, 0.5)(x).numpy()                       # (N, K)
+        plain = EnsemblePrefix(members, 1.0)(x).numpy()
+    got = np.concatenate([sess.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(got - plain).max() > 1e-3, "the export must apply the shrinkage, not the plain sum"
+
+
+@pytest.mark.slow
+def test_resume_mid_corrective_step_is_bit_identical(switched_run, tmp_path, monkeypatch):
+    recipe, straight = switched_run
+    calls = {"n": 0}
+    original = RunDir.save_checkpoint
+
+    def interrupt(self, stage, *args, **kwargs):
+        original(self, stage, *args, **kwargs)
+        if stage == "ensemble/corrective":
+            calls["n"] += 1
+            if calls["n"] == 1:   # after the corrective step's first epoch
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", interrupt)
+    assert distill(recipe, tmp_path / "runs", *SWITCHES) == 130
+    run = RunDir(tmp_path / "runs" / "tiny")
+    assert "ensemble/e2" in run.state()["stages"] and "ensemble/corrective" not in run.state()["stages"]
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    assert distill(recipe, tmp_path / "runs", "--resume", *SWITCHES) == 0
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads(run.metrics_path.read_text())
+    assert [(p["name"], p["test_acc"]) for p in a["ensemble_prefixes"]] == \
+           [(p["name"], p["test_acc"]) for p in b["ensemble_prefixes"]]
+    for name in ("ensemble/e2", "ensemble/c1", "ensemble/c2"):
+        wa, _ = load_safetensors(RunDir(straight).weights_path(name))
+        wb, _ = load_safetensors(run.weights_path(name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{name}: resumed weights differ"
+
+
+@pytest.mark.slow
+def test_early_exit_at_theta_one_is_the_full_prefix_and_thresholds_cut_work(switched_run):
+    from edgepkd.measure import early_exit as ee
+    from edgepkd.measure.runner import open_model, preprocess
+
+    _, run = switched_run
+    assert main(["export", str(run), "--target", "tflite-fp32", "--model", "ensemble-members",
+                 "--model", "ensemble[1..2]", "--model", "chain/s1"]) == 0
+    folder = run / "export" / "tflite-fp32"
+    manifest = json.loads((folder / "manifest.json").read_text())["artifacts"]
+    members = [e for e in manifest if "ensemble_member" in e]
+    assert [e["model"] for e in members] == ["ensemble/c1", "ensemble/c2"]
+    assert all(e["verification"]["passed"] for e in members)
+    res = ee.measure(str(run), "tflite-fp32", thetas=(0.0, 0.9, 1.0), repeats=1, log=lambda *a: None)
+    assert res["reference"]["model"] == "chain/s1"
+    assert (run / "bench" / "early-exit-tflite-fp32.json").is_file()
+    by = {r["theta"]: r for r in res["sweep"]}
+    assert by[1.0]["mean_members"] == 2 and by[0.0]["mean_members"] == 1   # θ = 0: every image exits at once
+    # θ = 1 answers as the exported full prefix does, image by image
+    with np.load(run / "bench" / "test-images.npz") as z:
+        images, labels = z["images"], z["labels"]
+    full = open_model(str(folder / "ensemble-1-2.tflite"))
+    x = preprocess(images, members[0]["preprocessing"])
+    want = np.array([int(full.logits(full.run(full.prepare(x[i:i + 1])))[0].argmax()) for i in range(len(x))])
+    models = [open_model(str(folder / e["file"])) for e in members]
+    tr = ee.trace(models, x, members[0]["ensemble_member"]["shrinkage"], repeats=1)
+    k = ee.exits(tr, 1.0)
+    np.testing.assert_array_equal(tr.pred[np.arange(len(k)), k], want)
+    assert by[1.0]["accuracy"] == pytest.approx(100.0 * (want == labels).mean())
+    # bench leaves the members out: they are not models on their own
+    from edgepkd.measure.bench import resolve
+    from edgepkd.measure.devices import load_devices
+
+    names = {a.entry["model"] for a in resolve([str(run)], load_devices().get("host"))}
+    assert "ensemble[1..2]" in names and not names & {"ensemble/c1", "ensemble/c2"}
+
+
+def test_choose_theta_meets_the_mean_budget_or_the_accuracy():
+    from edgepkd.measure.early_exit import choose
+
+    rows = [{"theta": 0.5, "accuracy": 97.0, "mean_ms": 0.1}, {"theta": 0.9, "accuracy": 98.5, "mean_ms": 0.2},
+            {"theta": 1.0, "accuracy": 98.6, "mean_ms": 0.5}]
+    assert choose(rows, mean_ms=0.25)["theta"] == 0.9
+    assert choose(rows, mean_ms=0.05) is None
+    assert choose(rows, min_accuracy=98.0)["theta"] == 0.9
+    assert choose(rows)["theta"] == 1.0
