@@ -81,7 +81,6 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
     import torch
     import yaml
 
-    from edgepkd.compress.export import EXPORTERS
     from edgepkd.config import to_dict
     from edgepkd.models.flops import count_flops
     from edgepkd.models import STUDENT_ARCH, build_model, export_mode
@@ -100,7 +99,7 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
     entries = []
     for name in ("tflite-fp32", "onnx-fp32"):
         target = dataclasses.replace(registry.get(name), scan=scan)
-        exporter = importlib.import_module(EXPORTERS[target.format])
+        exporter = target.export_format
         folder = run / "export" / f"speed-before-{rev}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(sizes):
