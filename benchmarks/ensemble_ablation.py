@@ -92,7 +92,7 @@ def set_args(values: dict) -> list[str]:
     return out
 
 
-def run_variant(variant: str, base: Path, out: Path, data_args: list[str], log) -> Path:
+def run_variant(variant: str, base: Path, out: Path, data_args: list[str], log, known: dict) -> Path:
     run = out / variant
     if (run / "metrics.json").is_file():
         log(f"{variant}: {run}/metrics.json exists, read as is")
@@ -104,7 +104,7 @@ def run_variant(variant: str, base: Path, out: Path, data_args: list[str], log) 
            *set_args(settings(variant))]
     parent = parent_of(variant)
     if parent is not None and not (run / "recipe.yaml").exists():
-        src = base if parent == variant_of(yaml.safe_load((base / "recipe.yaml").read_text())) else out / parent
+        src = Path(known[parent]) if parent in known else out / parent
         if not (src / "metrics.json").is_file():
             raise SystemExit(f"ensemble_ablation: {variant} continues {parent}, which has no finished run at {src}")
         tmp = out / f".{variant}.tmp"
@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="where the variants' runs go (default: runs/ablation-<recipe>)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (each with 1 torch thread)")
+    ap.add_argument("--use", action="append", default=[], metavar="VARIANT=RUN",
+                    help="a finished run that already is this variant (e.g. the shipped recipe's own run)")
     ap.add_argument("--train-only", action="store_true",
                     help="train the variants that need no other run (not 'X+corrective') as soon as BASE_RUN has "
                          "its teacher weights; write no results")
@@ -222,13 +224,21 @@ def main(argv=None) -> int:
     log = lambda msg: print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)  # noqa: E731
     if args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    runs = {base_variant: base} if base_variant in variants else {}
+    runs = {base_variant: base}
+    for use in args.use:
+        name, _, path = use.partition("=")
+        got = variant_of(yaml.safe_load((Path(path) / "recipe.yaml").read_text()))
+        if got != name or not (Path(path) / "metrics.json").is_file():
+            print(f"ensemble_ablation: --use {use}: {path} is not a finished run of variant {name} (its switches: "
+                  f"{got})", file=sys.stderr)
+            return 2
+        runs[name] = Path(path).resolve()
     todo = [v for v in variants if v not in runs]
     plain = [v for v in todo if parent_of(v) is None]
     later = [v for v in todo if v not in plain]
     for group in (plain,) if args.train_only else (plain, later):     # 'X+corrective' continues X: X first
         with cf.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            futures = {v: pool.submit(run_variant, v, base, out, data_args, log) for v in group}
+            futures = {v: pool.submit(run_variant, v, base, out, data_args, log, dict(runs)) for v in group}
             for v, f in futures.items():
                 runs[v] = f.result()
     if args.train_only:

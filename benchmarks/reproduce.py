@@ -3,6 +3,7 @@
     python benchmarks/reproduce.py mnist   --data-dir ../shared/data   # recipes/mnist.yaml   (<= 60 min, 2 cores)
     python benchmarks/reproduce.py cifar10 --data-dir ../shared/data   # recipes/cifar10.yaml (<= 90 min, 2 cores)
     python benchmarks/reproduce.py mnist --from-run runs/mnist         # only re-derive and re-write the results
+    python benchmarks/reproduce.py mnist --reuse-stages runs/old       # train only what the recipe changed
     python benchmarks/reproduce.py cifar10 --recipe recipes/cifar10-gpu.yaml --data-dir DIR  # one CUDA GPU
 
 Results go to benchmarks/results/<recipe file's stem>.{md,json,png}; the run to <--out>/<that stem>.
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -157,6 +159,39 @@ def render(dataset: str, res: dict, stem: str) -> str:
     return "\n".join(lines)
 
 
+def reuse_stages(source: Path, run_dir: Path, recipe: str, overrides: list[str]) -> list[str]:
+    """Start ``run_dir`` from a copy of ``source``'s finished teacher, baseline and chain stages, when the two
+    recipes differ only in ``distill.ensemble_*`` keys: no such stage reads those keys (each stage is seeded by
+    its name and trained from the stages before it), so the copied stages are those this recipe would train.
+    The ensemble is then trained by ``distill --resume``. Returns the stages copied."""
+    sys.path.insert(0, str(ROOT))
+    import yaml
+
+    from edgepkd.config import to_dict
+    from edgepkd.recipe import load_recipe
+
+    new = to_dict(load_recipe(ROOT / recipe if (ROOT / recipe).is_file() else Path(recipe), overrides))
+    old = to_dict(load_recipe(source / "recipe.yaml"))
+    strip = lambda r: {**r, "distill": {k: v for k, v in r["distill"].items()  # noqa: E731
+                                        if not k.startswith("ensemble_")}}
+    if strip(new) != strip(old):
+        raise SystemExit(f"reproduce: --reuse-stages {source}: its recipe differs from {recipe} outside "
+                         "distill.ensemble_*; nothing can be reused")
+    if run_dir.exists():
+        raise SystemExit(f"reproduce: --reuse-stages: {run_dir} exists; move it away first")
+    state = json.loads((source / "state.json").read_text())
+    keep = {k: v for k, v in state["stages"].items() if not k.startswith("ensemble/")}
+    tmp = run_dir.parent / f".{run_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "weights").mkdir(parents=True)
+    for stage in keep:
+        shutil.copy2(source / "weights" / f"{stage.replace('/', '-')}.safetensors", tmp / "weights")
+    atomic_write_json(tmp / "state.json", {**state, "stages": keep})
+    atomic_write_text(tmp / "recipe.yaml", yaml.safe_dump(new, sort_keys=False))
+    os.replace(tmp, run_dir)
+    return list(keep)
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     print("+", shlex.join(cmd), file=sys.stderr, flush=True)
     # Sleeping (not spinning) OpenMP workers: on a 2-core machine shared with anything else, spinning workers
@@ -176,6 +211,9 @@ def main() -> int:
     ap.add_argument("--skip-missing", action="store_true",
                     help="with --from-run: models whose weights are missing are listed as not re-derived")
     ap.add_argument("--note", help="a sentence for the results (e.g. how an interrupted run was resumed)")
+    ap.add_argument("--reuse-stages", metavar="RUN",
+                    help="copy RUN's teacher, baseline and chain stages when its recipe differs only in "
+                         "distill.ensemble_* keys, and train the rest (the results say so)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override passed to distill (recorded in the command line of the results)")
     args = ap.parse_args()
@@ -188,13 +226,19 @@ def main() -> int:
     data_args = ["--data-dir", args.data_dir] if args.data_dir else []
     command = shlex.join(["python", "benchmarks/reproduce.py", args.dataset]
                          + (["--recipe", recipe] if args.recipe else []) + data_args
-                         + [a for s in args.set for a in ("--set", s)])
+                         + [a for s in args.set for a in ("--set", s)]
+                         + (["--reuse-stages", args.reuse_stages] if args.reuse_stages else []))
     exe = [sys.executable, "-m", "edgepkd"]
     if args.from_run:
         run_dir = Path(args.from_run)
         wall, load = None, None
     else:
         run_dir = Path(args.out) / stem
+        if args.reuse_stages:
+            copied = reuse_stages(Path(args.reuse_stages), run_dir, recipe, args.set)
+            args.note = ((args.note + " ") if args.note else "") + (
+                f"Stages {', '.join(copied)} were copied from `{args.reuse_stages}`, whose recipe differs only in "
+                "`distill.ensemble_*` keys, which none of them reads; this command trained the ensemble.")
         start = time.time()
         p = run(exe + ["distill", recipe, "--name", stem, "--out", args.out, "--quiet"] + data_args
                 + [a for s in args.set for a in ("--set", s)] + (["--resume"] if run_dir.exists() else []))

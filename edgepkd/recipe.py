@@ -184,7 +184,7 @@ class DistillConfig:
     # shift). 'live': they run on every batch as the new member sees it, augmented with ensemble_augment.
     ensemble_residual: Literal["cached", "live"] = "cached"
     ensemble_augment: Literal["none", "crop", "crop_flip"] | None = None  # the members' augmentation; null: train's
-    ensemble_shrinkage: float = 1.0    # prefix k = shrinkage x prefix k-1 + member k (BoostNet: 0.5); 1: plain sum
+    ensemble_shrinkage: float = 0.5    # prefix k = shrinkage x prefix k-1 + member k (BoostNet's 0.5); 1: plain sum
     ensemble_corrective_epochs: int = 0   # after the last member: all members fine-tuned jointly on the sum of the
     ensemble_corrective_lr: float = 3e-4  # per-prefix losses (stop-gradient on earlier prefixes); best val epoch
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=5e-3, weight_decay=0.01))

@@ -1,0 +1,74 @@
+"""Issue #15's early-exit goal, measured: the anytime ensemble run member by member in TFLite (1 thread), against
+the most accurate single student timed beside it on the same test images.
+
+    python benchmarks/early_exit.py runs/mnist --data-dir ../shared/data          # tflite-fp32
+    python benchmarks/early_exit.py runs/digits --target tflite-int8
+
+Exports what is missing (the ensemble's members, and the chain students, verified as any export), then
+``edgepkd.measure.early_exit.measure``. Goal: at the best single student's accuracy, the ensemble's mean latency
+is at most 0.7x that student's. Results: benchmarks/results/early-exit-<run name>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgepkd.rundir import atomic_write_json, atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument("--target", default="tflite-fp32")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the test split (median per step)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    args = ap.parse_args(argv)
+
+    from edgepkd.cli import main as cli
+    from edgepkd.measure import early_exit as ee
+    from edgepkd.report import load_metrics
+
+    run = Path(args.run)
+    metrics = load_metrics(run)
+    folder = run / "export" / args.target
+    have = set()
+    if (folder / "manifest.json").is_file():
+        have = {e["model"] for e in json.loads((folder / "manifest.json").read_text())["artifacts"]}
+    want = [r["name"] for r in metrics["models"] if r["role"] == "chain"] + metrics["ensemble_prefixes"][-1]["members"]
+    if set(want) - have:
+        extra = ["--data-dir", args.data_dir] if args.data_dir else []
+        if cli(["export", str(run), "--target", args.target, "--model", "ensemble-members", *extra,
+                *[a for r in metrics["models"] if r["role"] == "chain" for a in ("--model", r["name"])]]):
+            return 1
+    res = ee.measure(str(run), args.target, repeats=args.repeats, limit=args.limit, data_dir=args.data_dir)
+    text = ee.render(res)
+    print(text)
+    at = res.get("at_reference_accuracy")
+    goal = at is not None and at["mean_ratio"] <= 0.7
+    cmd = shlex.join(["python", "benchmarks/early_exit.py", *(argv if argv is not None else sys.argv[1:])])
+    md = [f"# Early exit: {run.name} ({args.target})", "",
+          f"Produced by `{cmd}` on {dt.date.today().isoformat()}. {res['timing']}; {res['repeats']} passes.", "",
+          "```", text, "```", "",
+          f"Goal (issue #15): at the best single student's accuracy, mean latency <= 0.7x that student's: "
+          + ("**met**" if goal else "**not met**")
+          + ("" if at is None else f" ({at['mean_ratio']:.2f}x at θ = {at['theta']:g})") + ".", ""]
+    stem = f"early-exit-{run.name}"
+    atomic_write_json(RESULTS / f"{stem}.json", {**res, "command": cmd, "goal_met": goal})
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(md))
+    print(f"results: benchmarks/results/{stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
