@@ -81,10 +81,9 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
     import torch
     import yaml
 
-    from edgepkd.compress.export import EXPORTERS
     from edgepkd.config import to_dict
-    from edgepkd.measure.flops import count_flops
-    from edgepkd.models import build_student, export_mode
+    from edgepkd.models.flops import count_flops
+    from edgepkd.models import STUDENT_ARCH, build_model, export_mode
     from edgepkd.recipe import Recipe, load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
@@ -100,12 +99,12 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
     entries = []
     for name in ("tflite-fp32", "onnx-fp32"):
         target = dataclasses.replace(registry.get(name), scan=scan)
-        exporter = importlib.import_module(EXPORTERS[target.format])
+        exporter = target.export_format
         folder = run / "export" / f"speed-before-{rev}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(sizes):
             torch.manual_seed(0)
-            net = build_student(to_dict(spec), len(meta["classes"]), c, h).eval()
+            net = build_model(STUDENT_ARCH, to_dict(spec), len(meta["classes"]), c, h).eval()
             f = count_flops(net, (c, h, h))
             path = folder / f"s{i + 1}{target.suffix}"
             with export_mode(net, scan=scan):

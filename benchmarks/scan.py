@@ -136,7 +136,7 @@ def saved_bytes(name, L, d, n, device) -> int:
 def training_throughput(names, seconds: float, device: str) -> dict:
     """Images/s of a full training step (forward, backward, AdamW) of the MNIST recipe's largest student."""
     from edgepkd.distill.pipeline import plan_students
-    from edgepkd.models import build_student, set_scan_backend
+    from edgepkd.models import STUDENT_ARCH, build_model, set_scan_backend
     from edgepkd.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist.yaml")
@@ -147,7 +147,7 @@ def training_throughput(names, seconds: float, device: str) -> dict:
     result = {"student": spec, "mflops": flops.flops / 1e6, "batch": 128, "images_per_s": {}}
     for name in names:
         torch.manual_seed(0)
-        model = build_student(spec, 10, 1, 28).to(device)
+        model = build_model(STUDENT_ARCH, spec, 10, 1, 28).to(device)
         set_scan_backend(model, name)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 

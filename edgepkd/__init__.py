@@ -1,13 +1,15 @@
 """edgepkd: distill an image classifier into a family of small Mamba students for edge devices.
 
-Layout (one concern per place):
-    edgepkd/recipe.py      typed recipe dataclasses, loaded from YAML
+Layout, in pipeline order (each package imports only the ones before it):
+    edgepkd/recipe.py      typed recipe dataclasses, loaded from YAML (config.py: the loader)
     edgepkd/data.py        named datasets and deterministic splits
-    edgepkd/models/        teachers, Mamba students, selective-scan backends
-    edgepkd/distill/       losses, the training loop, chain / ensemble orchestration
-    edgepkd/measure/       analytic FLOP / parameter / size accounting
-    edgepkd/report.py      metrics.json, report.md and the accuracy-vs-FLOPs plot
-    edgepkd/cli.py         the `edgepkd` command (heavy imports live inside commands)
+    edgepkd/models/        teachers, Mamba students, selective-scan backends, ensemble prefixes, FLOP counting
+    edgepkd/distill/       losses, the training loop, chain / ensemble orchestration, metrics.json, evaluate
+    edgepkd/compress/      export targets, one exporter per format, verification, the manifest
+    edgepkd/measure/       device profiles, the standalone runner, bench, pick, the latency table
+    edgepkd/workflow.py    the end-to-end chain: recipe -> run -> exports -> bench -> pick
+    edgepkd/report.py      metrics.json -> report.md, the accuracy-vs-FLOPs plot, the console tables
+    edgepkd/cli.py         the `edgepkd` click command (heavy imports live inside commands)
 """
 
 __version__ = "0.1.0"

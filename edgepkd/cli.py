@@ -1,19 +1,22 @@
-"""The ``edgepkd`` command. Heavy imports (torch, torchvision, rich) live inside the commands so that
-``edgepkd --help`` answers instantly."""
+"""The ``edgepkd`` command: a click application that parses, calls one library function per command and prints.
+
+Heavy imports (torch, torchvision, rich) live inside the commands so that ``edgepkd --help`` answers at once.
+Every error the user can fix is one line on stderr (``edgepkd: error: ...``) with the exit code of its kind;
+usage errors too (exit 2).
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
-from pathlib import Path
+
+import click
 
 from edgepkd import __version__
-from edgepkd.errors import ConfigError, EdgepkdError, RunError
+from edgepkd.errors import ConfigError, EdgepkdError
 
-EXAMPLES = """\
+EXAMPLES = """\b
 examples:
   edgepkd demo                                   digits teacher -> 4 Mamba students, chain + ensemble (~2 min)
   edgepkd distill recipes/mnist.yaml --data-dir ../shared/data
@@ -31,521 +34,404 @@ examples:
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
   edgepkd list recipes                           the shipped recipes (a wheel carries them)
 
+\b
 exit codes: 0 ok, 1 failure, 2 bad input (recipe, data, run directory), 130 interrupted (resumable)
+shell completion (bash; zsh and fish alike): eval "$(_EDGEPKD_COMPLETE=bash_source edgepkd)"
 """
 
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", metavar="KEY.PATH=VALUE", action="append", default=[],
-                   help="override a recipe field, type-checked (repeatable), e.g. --set distill.temperature=2")
-    p.add_argument("--name", help="run name (directory under --out); default: the recipe's name")
-    p.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
-    _add_data_dir(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run of the same name from its last finished epoch (same recipe and --set)")
-    p.add_argument("--dry-run", action="store_true", help="validate the recipe, load the data, print the "
-                   "students with their FLOPs, and stop")
-    p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout "
-                   "(progress still goes to stderr)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--device", metavar="NAME", help="then export the device's targets, bench every candidate "
-                   "on it and pick one (as edgepkd export, bench and pick do); see edgepkd bench --list-devices")
-    _add_devices_dir(p)
-    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: "
-                   "DistributedDataParallel under torchrun (gloo on CPU, nccl with one GPU each); for several "
-                   "machines run torchrun yourself (see the README)")
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 118}
 
 
-def _add_data_dir(p: argparse.ArgumentParser, of_run: bool = False) -> None:
+def _stderr(*a) -> None:
+    print(*a, file=sys.stderr)
+
+
+def _quiet(*a) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------- completion of registry names
+def _complete(load):
+    def complete(ctx, param, incomplete):
+        try:
+            return [n for n in load(ctx) if n.startswith(incomplete)]
+        except EdgepkdError:
+            return []
+    return complete
+
+
+def _target_names(ctx):
+    from edgepkd.compress.targets import load_targets
+
+    return load_targets(list(ctx.params.get("targets_dir") or ())).names()
+
+
+def _device_names(ctx):
+    from edgepkd.measure.devices import load_devices
+
+    return load_devices(list(ctx.params.get("devices_dir") or ())).names()
+
+
+def _recipe_names(ctx):
+    from edgepkd.recipe import builtin_recipes
+
+    return list(builtin_recipes())
+
+
+# ------------------------------------------------------------------------- options shared by several commands
+def data_dir_option(of_run: bool = False):
     recorded = ("where the run read them (recorded in RUN/state.json)" if of_run else
                 "with --resume where the run read them")
-    p.add_argument("--data-dir", help=f"where datasets live (default: $EDGEPKD_DATA, else {recorded}, else "
-                   "~/.cache/edgepkd/data)")
+    return click.option("--data-dir", metavar="DIR", help="where datasets live (default: $EDGEPKD_DATA, else "
+                        f"{recorded}, else ~/.cache/edgepkd/data)")
 
 
-def _add_devices_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices-dir", action="append", default=[], metavar="DIR",
-                   help="another folder of device profile YAML files (./devices/ is always read)")
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"print {what} as JSON")
 
 
-def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, metavar="N", help="runtime threads (default: the profile's)")
-    p.add_argument("--python", metavar="PATH", help="the device's Python with numpy and a runtime (default: the "
-                   "profile's; local: this one)")
-    p.add_argument("--random-input", action="store_true", help="time one random input instead of the run's test "
-                   "images (no top-1)")
-    p.add_argument("--min-runs", type=int, default=50, metavar="N", help="timed runs, at least (default 50)")
-    p.add_argument("--min-seconds", type=float, default=1.0, metavar="S", help="timed seconds, at least (default 1)")
-    _add_data_dir(p, of_run=True)
+quiet_option = click.option("--quiet", is_flag=True, help="no progress output")
+devices_dir_option = click.option("--devices-dir", multiple=True, metavar="DIR", is_eager=True,
+                                  help="another folder of device profile YAML files (./devices/ is always read)")
+targets_dir_option = click.option("--targets-dir", multiple=True, metavar="DIR", is_eager=True,
+                                  help="another folder of target YAML files (./export/ is always read)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="edgepkd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Distill an image classifier into a family of progressively smaller Mamba students.")
-    parser.add_argument("--version", action="version", version=f"edgepkd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _device_option(help: str, required: bool = False):
+    return click.option("--device", metavar="NAME", required=required, help=help,
+                        shell_complete=_complete(_device_names))
 
-    p = sub.add_parser("demo", help="run the embedded digits recipe (offline, a few minutes on 2 CPU cores)",
-                       description="Distill the embedded default recipe (scikit-learn's 8x8 digits; the same as "
-                       "recipes/digits.yaml): a CNN teacher, 4 Mamba students as a chain and as an ensemble. "
-                       "Writes runs/digits/ with metrics.json, report.md and a plot.")
-    _add_run_args(p)
 
-    p = sub.add_parser("distill", help="train a teacher and distill it into Mamba students",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run a recipe: train (or load) the teacher, then distill progressively smaller "
-                       "Mamba students as a chain and/or an ensemble of weak learners.\nWrites runs/NAME/: recipe.yaml "
-                       "(resolved), weights/*.safetensors, metrics.json, report.md, accuracy_vs_mflops.png.\n"
-                       "Trains on cuda:0 when torch sees a GPU (torchrun: one GPU per process), else on the CPU.\n"
-                       "Ctrl-C leaves a checkpoint; --resume continues from the last finished epoch.")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a shipped recipe's name (e.g. mnist; "
-                   "see edgepkd list recipes)")
-    _add_run_args(p)
+def _apply(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
 
-    p = sub.add_parser("export", help="export a run's students to ONNX / TFLite / ExecuTorch / PyTorch, quantized "
-                       "and verified",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Export every student and ensemble prefix of RUN (or --model NAME) for a target "
-                       "(export/*.yaml), verify each artifact in its own runtime on the test split against the "
-                       "PyTorch fp32 model, and write RUN/export/TARGET/ with the artifacts and manifest.json.\n"
-                       "Verification fails by default when the target's tolerance is missed (fp32: max |logit "
-                       "diff|; int8: accuracy drop); nothing is written for a failed model.")
-    p.add_argument("run", metavar="RUN", nargs="?", help="run directory, e.g. runs/digits")
-    p.add_argument("--target", action="append", default=[], metavar="NAME",
-                   help="export target (repeatable); see --list-targets")
-    p.add_argument("--model", metavar="NAME", action="append",
-                   help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher; "
-                        "ensemble-members: the largest prefix's members, one file each, for early exit)")
-    p.add_argument("--list-targets", action="store_true", help="list the export targets and exit")
-    p.add_argument("--targets-dir", action="append", default=[], metavar="DIR",
-                   help="another folder of target YAML files (./export/ is always read)")
-    p.add_argument("--keep-going", action="store_true",
-                   help="write the models that pass verification, skip (and name) those that fail; exits 1 "
-                   "when any was skipped")
-    p.add_argument("--no-verify", action="store_true", help="skip verification (says loudly that nothing was "
-                   "checked; the manifest records it)")
-    _add_data_dir(p, of_run=True)
-    p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
 
-    p = sub.add_parser("bench", help="time exported models on a device, in its runtime (or estimate them)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run each ARTIFACT (a file, an export folder, or a run directory: every export "
-                       "of the device's format and precisions) on the device of --device: locally, or over ssh "
-                       "(runner, artifacts and test images are copied there, the JSON comes back), or estimated "
-                       "from MACs for devices with connect: none. Batch 1: warm-up >= 1 run and 0.5 s, then >= "
-                       "--min-runs runs and --min-seconds (TFLite benchmark_model's defaults); p50/p90/p99, "
-                       "load time, RAM, top-1 on the run's test images.\nRAM is the model's peak-RSS growth "
-                       "(measured) or the sum of its non-constant tensors (estimated); storage is the file size.\n"
-                       "Results: RUN/bench/DEVICE.json, written after each artifact.")
-    p.add_argument("artifacts", metavar="ARTIFACT", nargs="*", help="artifact file, export folder or run directory")
-    p.add_argument("--device", metavar="NAME", help="device profile (see --list-devices)")
-    p.add_argument("--list-devices", action="store_true", help="list the device profiles and exit")
-    _add_devices_dir(p)
-    _add_bench_args(p)
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+run_options = _apply([
+    click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                 help="override a recipe field, type-checked (repeatable), e.g. --set distill.temperature=2"),
+    click.option("--name", help="run name (directory under --out); default: the recipe's name"),
+    click.option("--out", default="runs", show_default=True, help="parent directory of run directories"),
+    data_dir_option(),
+    click.option("--resume", is_flag=True,
+                 help="continue the run of the same name from its last finished epoch (same recipe and --set)"),
+    click.option("--dry-run", is_flag=True,
+                 help="validate the recipe, load the data, print the students with their FLOPs, and stop"),
+    json_option("the final metrics (progress still goes to stderr)"),
+    quiet_option,
+    _device_option("then export the device's targets, bench every candidate on it and pick one (as edgepkd "
+                   "export, bench and pick do); see edgepkd bench --list-devices"),
+    devices_dir_option,
+    click.option("--nproc", type=int, metavar="N", help="train with N processes on this machine: "
+                 "DistributedDataParallel under torchrun (gloo on CPU, nccl with one GPU each); for several "
+                 "machines run torchrun yourself (see the README)"),
+])
 
-    p = sub.add_parser("pick", help="pick the most accurate exported model that fits a device's budgets",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Candidates: every exported student and ensemble prefix of RUN at every "
-                       "precision the device uses. Accuracy: verified at export. Latency (p90), RAM and storage: "
-                       "from edgepkd bench on the device (run for candidates without a current result). Chooses "
-                       "the highest accuracy within every budget, prints the table with the choice marked and "
-                       "why each other candidate lost, writes RUN/selection.json. When nothing fits it names "
-                       "the binding budget and what the closest candidate needs, and exits 1.\nBudgets: latency = "
-                       "p90; RAM = the model's peak-RSS growth (measured) or the sum of its non-constant tensors "
-                       "(estimated); storage = the artifact's bytes.")
-    p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/digits")
-    p.add_argument("--device", metavar="NAME", required=True, help="device profile (see edgepkd bench --list-devices)")
-    p.add_argument("--latency-ms", type=float, metavar="X", help="p90 latency budget (default: the profile's)")
-    p.add_argument("--min-accuracy", type=float, metavar="Y", help="lowest acceptable verified accuracy (%%)")
-    p.add_argument("--no-bench", action="store_true", help="do not run bench for candidates without results; fail")
-    _add_devices_dir(p)
-    _add_bench_args(p)
-    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+bench_options = _apply([
+    click.option("--threads", type=int, metavar="N", help="runtime threads (default: the profile's)"),
+    click.option("--python", metavar="PATH", help="the device's Python with numpy and a runtime (default: the "
+                 "profile's; local: this one)"),
+    click.option("--random-input", is_flag=True, help="time one random input instead of the run's test images "
+                 "(no top-1)"),
+    click.option("--min-runs", type=int, default=50, show_default=True, metavar="N", help="timed runs, at least"),
+    click.option("--min-seconds", type=float, default=1.0, show_default=True, metavar="S",
+                 help="timed seconds, at least"),
+    data_dir_option(of_run=True),
+])
 
-    p = sub.add_parser("evaluate", help="re-evaluate a run's saved weights on its test split",
-                       description="Rebuild every model of RUN from its safetensors file, evaluate it on the test "
-                       "split of the run's dataset and compare with metrics.json. Exits 1 on a mismatch. "
-                       "On the device kind the run trained on, predictions must match exactly; on another "
-                       "(a GPU run checked on a CPU) float differences flip borderline images, so 0.1 points "
-                       "are allowed unless --tolerance says otherwise.")
-    p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/digits")
-    _add_data_dir(p, of_run=True)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to evaluate (auto: cuda when torch sees a GPU, else cpu)")
-    p.add_argument("--tolerance", type=float, metavar="POINTS",
-                   help="largest accepted accuracy difference in points (default: exact on the run's device "
-                   "kind, 0.1 on another)")
-    p.add_argument("--skip-missing", action="store_true",
-                   help="report models whose weights file is missing as not re-derived instead of failing")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    p = sub.add_parser("report", help="re-render report.md and the plot from a run's metrics.json",
-                       description="Rewrite RUN/report.md and RUN/accuracy_vs_mflops.png from RUN/metrics.json.")
-    p.add_argument("run", metavar="RUN", help="run directory")
+# ---------------------------------------------------------------------------------------------- the group
+class _Group(click.Group):
+    """Every error is one line with its exit code: usage errors (2), an EdgepkdError (its own), Ctrl-C (130), a
+    reader that left a pipe (141). Click alone would print usage errors over several lines, a traceback for ours,
+    'Aborted!' for Ctrl-C, and exit 0 whatever code a command returns."""
 
-    p = sub.add_parser("list", help="list the shipped recipes and registered teachers, students, datasets, scan "
-                       "backends",
-                       description="List the shipped recipes (name and file: edgepkd distill NAME runs one) and "
-                       "registered names: teachers, datasets and scan backends as a recipe uses them; students "
-                       "are presets for Python use (edgepkd.models.STUDENTS.get(name)(...)).")
-    p.add_argument("kind", choices=["recipes", "teachers", "students", "datasets", "scan-backends"])
-    return parser
+    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
+        argv = sys.argv[1:] if args is None else list(args)
+        extra.setdefault("obj", {"argv": argv})   # --nproc relaunches the same command under torchrun
+        try:
+            code = super().main(argv, prog_name or "edgepkd", standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "edgepkd"
+            _stderr(f"edgepkd: error: {where}: {e.format_message().rstrip('.')} (see {where} --help)")
+            code = e.exit_code
+        except click.ClickException as e:
+            _stderr(f"edgepkd: error: {e.format_message()}")
+            code = e.exit_code
+        except click.Abort:
+            _stderr("\nedgepkd: interrupted")
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgepkdError as e:
+            _stderr(f"edgepkd: error: {e}")
+            return e.exit_code
+        except BrokenPipeError:  # e.g. `edgepkd ... --json | head`: the reader left; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        except KeyboardInterrupt:
+            if ctx.meta.get("edgepkd.resumable"):
+                _stderr("\nedgepkd: interrupted; the last finished epoch is checkpointed: rerun the same command "
+                        "with --resume to continue")
+            else:
+                _stderr("\nedgepkd: interrupted")
+            return 130
+
+
+@click.group(name="edgepkd", cls=_Group, context_settings=CONTEXT, epilog=EXAMPLES, invoke_without_command=True)
+@click.version_option(__version__, "--version", prog_name="edgepkd", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context):
+    """Distill an image classifier into a family of progressively smaller Mamba students."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    args.argv = argv  # --nproc relaunches the same command under torchrun
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return COMMANDS[args.command](args)
-    except EdgepkdError as e:
-        print(f"edgepkd: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:  # e.g. `edgepkd ... --json | head`: the reader left; stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except KeyboardInterrupt:
-        if args.command in ("distill", "demo") and not getattr(args, "dry_run", False):
-            print("\nedgepkd: interrupted; the last finished epoch is checkpointed: rerun the same command "
-                  "with --resume to continue", file=sys.stderr)
-        else:
-            print("\nedgepkd: interrupted", file=sys.stderr)
-        return 130
+    """The ``edgepkd`` console script and ``python -m edgepkd``: runs ``argv`` (default: sys.argv[1:]) and returns
+    the exit code."""
+    return cli.main(argv, "edgepkd", standalone_mode=False)
 
 
-# ------------------------------------------------------------------------------------------- commands
-def cmd_demo(args) -> int:
-    return _distill(None, args)
+# ------------------------------------------------------------------------------------------- distill, demo
+@cli.command(context_settings=CONTEXT)
+@run_options
+@click.pass_context
+def demo(ctx, **opts):
+    """Run the embedded digits recipe (offline, a few minutes on 2 CPU cores).
+
+    Distill the embedded default recipe (scikit-learn's 8x8 digits; the same as recipes/digits.yaml): a CNN
+    teacher, 4 Mamba students as a chain and as an ensemble. Writes runs/digits/ with metrics.json, report.md and
+    a plot.
+    """
+    return _distill(ctx, None, **opts)
 
 
-def cmd_distill(args) -> int:
-    return _distill(args.recipe, args)
+@cli.command(context_settings=CONTEXT)
+@click.argument("recipe", metavar="RECIPE", shell_complete=_complete(_recipe_names))
+@run_options
+@click.pass_context
+def distill(ctx, recipe, **opts):
+    """Train a teacher and distill it into Mamba students.
+
+    RECIPE is a recipe YAML file, or a shipped recipe's name (e.g. mnist; see edgepkd list recipes). Train (or
+    load) the teacher, then distill progressively smaller Mamba students as a chain and/or an ensemble of weak
+    learners. Writes runs/NAME/: recipe.yaml (resolved), weights/*.safetensors, metrics.json, report.md,
+    accuracy_vs_mflops.png.
+
+    Trains on cuda:0 when torch sees a GPU (torchrun: one GPU per process), else on the CPU. Ctrl-C leaves a
+    checkpoint; --resume continues from the last finished epoch.
+    """
+    return _distill(ctx, recipe, **opts)
 
 
-def _load_recipe(recipe: str | None, overrides: list[str]):
-    """RECIPE of ``distill`` (a file or a shipped recipe's name; None: the demo) with its ``--set`` overrides."""
-    from edgepkd.recipe import load_recipe, resolve_recipe
-
-    return load_recipe(None if recipe is None else resolve_recipe(recipe), overrides)
-
-
-def _environment(scan_backend: str, device: str) -> dict:
-    import platform
-
-    import torch
-
-    return {"machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "edgepkd": __version__,
-            "scan_backend": scan_backend, "cuda": torch.cuda.is_available(), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
-
-
-def _distill(recipe_path: str | None, args) -> int:
-    import torch
-
+def _distill(ctx, recipe, *, overrides, name, out, data_dir, resume, dry_run, as_json, quiet, device, devices_dir,
+             nproc) -> int:
+    from edgepkd import workflow
     from edgepkd.distill import distributed
 
-    if args.nproc is not None and args.nproc < 1:
-        raise ConfigError(f"--nproc: {args.nproc}: give at least 1 process")
-    if args.device:
-        _device_profile(args.device, args.devices_dir)  # an unknown or malformed profile fails before training
-    if args.nproc and args.nproc > 1 and not args.dry_run:
-        distributed.check_batch_sizes(_load_recipe(recipe_path, args.set), args.nproc)  # before N processes start
-        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return distributed.run_rank(lambda dist: _distill_rank(recipe_path, args, dist), device)
-
-
-def _distill_rank(recipe_path: str | None, args, dist) -> int:
-    """One process's part of ``distill``: all of it in a single process; under torchrun rank 0 writes the run
-    directory and prints, every rank trains its share (errors before training are agreed and printed once)."""
-    from edgepkd.config import to_dict
-    from edgepkd.data import data_location, load_dataset, reads_files
-    from edgepkd.distill.distributed import check_batch_sizes
-    from edgepkd.distill.pipeline import Distiller, check_recipe, evaluate_members
-    from edgepkd.models.scan import resolve_backend
+    ctx.meta["edgepkd.resumable"] = not dry_run
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc: {nproc}: give at least 1 process")
+    if device:
+        workflow.device_profile(device, devices_dir)  # an unknown or malformed profile fails before training
+    if nproc and nproc > 1 and not dry_run:
+        distributed.check_batch_sizes(workflow.load_recipe(recipe, overrides), nproc)  # before N processes start
+        return distributed.launch(nproc, distributed.strip_nproc(ctx.obj["argv"]))
     from edgepkd.progress import RichReporter
-    from edgepkd.report import FLOP_CONVENTION, write_report
-    from edgepkd.rundir import RunDir
 
-    recipe = dist.agree(lambda: _load_recipe(recipe_path, args.set))
-    dist.agree(lambda: check_batch_sizes(recipe, dist.world_size if dist.distributed else args.nproc or 1))
-    backend = resolve_backend(recipe.scan_backend, dist.device)
-    run = RunDir(Path(args.out) / (args.name or recipe.name))
-    # where the dataset's files are; --resume: where the run read them, unless --data-dir / $EDGEPKD_DATA say
-    root, why = dist.agree(lambda: data_location(args.data_dir, run if args.resume else None))
-    files = reads_files(recipe.data)
-    data = dist.agree(lambda: load_dataset(recipe.data, recipe.seed, str(root)), local_first=True)
-    if files and dist.is_main and not args.quiet:
-        print(f"data: {root} ({why})", file=sys.stderr)  # once found: a failure is the error's one line
-
-    latency = _latency_table(recipe, data, args) if dist.is_main else None
-
-    def check():
-        try:
-            return check_recipe(recipe, data, latency)
-        except ConfigError as e:
-            raise ConfigError(f"{recipe_path or '<demo recipe>'}: {e}") from None
-
-    plan = dist.agree(check)
-    if args.dry_run:
-        return _print_plan(recipe, data, plan, args.json, latency) if dist.is_main else 0
-
-    def create():
-        run.create(to_dict(recipe), resume=args.resume)
-        if files:  # evaluate, export, bench and pick read the data there by default
-            run.record_data_dir(root)
-
-    dist.agree(lambda: create() if dist.is_main else None)
-    dist.agree(lambda: dist.is_main or run.recipe_path.is_file() or _unseen(run, dist))
-    reporter = None if args.quiet or not dist.is_main else RichReporter()
-    t0 = time.perf_counter()
-    members = Distiller(recipe, data, run, reporter=reporter, dist=dist).run_all(plan)
-    if not dist.is_main:
+    result = workflow.distill(
+        recipe, overrides=overrides, out=out, name=name, data_dir=data_dir, resume=resume, dry_run=dry_run,
+        device=device, devices_dir=devices_dir, nproc=nproc, reporter=None if quiet else RichReporter(),
+        note=None if quiet else _stderr, log=_stderr if as_json or quiet else print)
+    if result is None:  # another rank of a distributed run: rank 0 prints
         return 0
-    metrics = {
-        "recipe": recipe.name, "run": str(run.path), "edgepkd_version": __version__,
-        "dataset": {"name": data.name, "train": len(data.train), "val": len(data.val), "test": len(data.test),
-                    "input_shape": list(data.input_shape), "classes": data.classes,
-                    "preprocessing": data.preprocessing()},
-        "flop_convention": FLOP_CONVENTION,
-        "wall_time_s": time.perf_counter() - t0,
-        "environment": _environment(backend, dist.device.type),
-        "resumed": bool(args.resume),  # wall_time_s then covers this process only; train_time_s of each
-                                       # model covers all of its training, across processes
-        "distributed": dist.describe(),
-        **evaluate_members(members, data, device=dist.device, shrinkage=recipe.distill.ensemble_shrinkage),
-    }
-    write_report(run.path, metrics)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        _print_summary(metrics)
-    if args.device:
-        return _deploy(run.path, args)
-    return 0
+    from edgepkd.report import print_plan, print_summary
 
-
-def _deploy(run_path: Path, args) -> int:
-    """``distill --device``: export the device's targets, bench every candidate there, pick (see cmd_pick)."""
-    from edgepkd.measure.bench import BenchOptions
-    from edgepkd.measure.pick import deploy, render
-
-    profile = _device_profile(args.device, args.devices_dir)
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    sel = deploy(str(run_path), profile, data_dir=args.data_dir, log=log,
-                 options=BenchOptions(data_dir=args.data_dir))
-    print(render(sel), file=sys.stderr if args.json else sys.stdout)
-    return _settle(sel, run_path, log)
-
-
-def _unseen(run, dist):
-    raise RunError(f"rank {dist.rank} does not see {run.recipe_path}, which rank 0 wrote: put --out on a "
-                   "filesystem that every machine of the run shares (ranks resume from the same checkpoint)")
-
-
-def _latency_table(recipe, data, args):
-    """The latency table of ``students.progression.by: latency`` (on --device, else progression.device)."""
-    from edgepkd.measure.latency_table import LatencyTable
-
-    prog = recipe.students.progression
-    if prog is None or prog.by != "latency":
-        return None
-    name = args.device or prog.device
-    if name is None:
-        return None   # check_recipe says what is missing
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json or args.quiet else print
-    return LatencyTable(_device_profile(name, args.devices_dir), data.input_shape, data.num_classes, log=log)
-
-
-def _print_plan(recipe, data, plan, as_json: bool, latency=None) -> int:
-    rows = [{"student": i + 1, **spec, "params": f.params, "macs": f.macs, "mflops": f.flops / 1e6}
-            for i, (spec, f) in enumerate(plan)]
-    if latency is not None:
-        for r, ms in zip(rows, latency([spec for spec, _ in plan])):
-            r["p50_ms"] = ms
+    if isinstance(result, workflow.Planned):
+        print_plan(result.recipe, result.data, result.plan, result.latency, as_json)
+        return 0
     if as_json:
-        print(json.dumps({"recipe": recipe.name, "dataset": data.name, "students": rows}, indent=2))
+        print(json.dumps(result.metrics, indent=2))
+    else:
+        print_summary(result.metrics)
+    if not device:
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    # the device's exports, bench and pick; progress as --quiet / --json say, the answer always (last lines)
+    log = _quiet if quiet else _stderr if as_json else print
+    return _show_selection(lambda: workflow.deploy(result.run.path, device, data_dir=data_dir,
+                                                   devices_dir=devices_dir, log=log),
+                           out=_stderr if as_json else print)
 
-    table = Table(title=f"{recipe.name}: {len(rows)} students on {data.name} "
-                  f"({len(data.train)}/{len(data.val)}/{len(data.test)} images)")
-    cols = ["#", "d_model", "depth", "d_state", "patch", "stem", "params", "MACs", "MFLOPs"]
-    if latency is not None:
-        cols.append(f"p50 ms ({latency.profile.name}{', est.' if latency.profile.estimated else ''})")
-    for col in cols:
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["student"]), str(r["d_model"]), str(r["depth"]), str(r["d_state"]),
-                      str(r["patch_size"]), r["stem"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}",
-                      *([f"{r['p50_ms']:.4f}"] if latency is not None else []))
-    Console().print(table)
-    if latency is not None:
-        Console().print(f"latency table: {latency.path} ({latency.measured} timed now, the rest cached)")
-    if recipe.baselines:
-        Console().print("baselines (trained from labels): " + ", ".join(
-            f"{b.arch} {dict(b.args) or ''}{b.train.epochs} epochs" for b in recipe.baselines))
+
+def _show_selection(choose, out) -> int:
+    """Print a pick's table, then its answer as the last lines (``picked ...``, ``selection: ...``, the plot)."""
+    from edgepkd.measure.pick import NothingFits, render
+
+    try:
+        sel = choose()
+    except NothingFits as e:
+        if e.selection is not None:
+            out(render(e.selection))
+        raise
+    out(render(sel))
+    out(f"picked {sel.explanation}\nselection: {sel.path}" +
+        (f"\nplot: {sel.plot} (accuracy vs p50 on '{sel.profile.name}')" if sel.plot else ""))
     return 0
 
 
-def _print_summary(metrics: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# ------------------------------------------------------------------------------------------------- evaluate
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", metavar="RUN")
+@data_dir_option(of_run=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="where to evaluate (auto: cuda when torch sees a GPU, else cpu)")
+@click.option("--tolerance", type=float, metavar="POINTS", help="largest accepted accuracy difference in points "
+              "(default: exact on the run's device kind, 0.1 on another)")
+@click.option("--skip-missing", is_flag=True,
+              help="report models whose weights file is missing as not re-derived instead of failing")
+@json_option("the results")
+def evaluate(run, data_dir, device, tolerance, skip_missing, as_json):
+    """Re-evaluate a run's saved weights on its test split.
 
-    table = Table(title=f"{metrics['recipe']}: test accuracy vs compute  ({metrics['run']})")
-    for col in ("model", "params", "MFLOPs", "% teacher", "test acc %"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for r in metrics["models"] + metrics["ensemble_prefixes"]:
-        acc = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.2f}"
-        table.add_row(r["name"], f"{r['params']:,}", f"{r['mflops']:.3f}", f"{r['pct_teacher_flops']:.2f}", acc)
-    console = Console()
-    console.print(table)
-    console.print(f"report: {metrics['run']}/report.md   wall time {metrics['wall_time_s']:.0f} s")
+    Rebuild every model of RUN from its safetensors file, evaluate it on the test split of the run's dataset and
+    compare with metrics.json. Exits 1 on a mismatch. On the device kind the run trained on, predictions must
+    match exactly; on another (a GPU run checked on a CPU) float differences flip borderline images, so 0.1
+    points are allowed unless --tolerance says otherwise.
+    """
+    from edgepkd.distill.evaluate import evaluate_run
 
-
-def cmd_evaluate(args) -> int:
-    from edgepkd.data import load_run_dataset
-    from edgepkd.distill.trainer import accuracy, eval_mode, predict
-    from edgepkd.models import load_model, set_scan_backend
-    from edgepkd.models.ensemble import combine
-    from edgepkd.recipe import load_recipe
-    from edgepkd.report import load_metrics
-    from edgepkd.rundir import RunDir
-
-    import torch
-
-    run = RunDir(args.run)
-    run.require_complete()
-    recipe = load_recipe(run.recipe_path)
-    metrics = load_metrics(run.path)
-    env = metrics.get("environment", {})
-    trained_on = env.get("device") or ("cuda" if env.get("cuda") else "cpu")
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluate --device cuda: torch sees no CUDA GPU here; use --device cpu")
-    # identical weights, data and device kind give identical predictions; another kind flips borderline images
-    tolerance = args.tolerance if args.tolerance is not None else 1e-6 if device == trained_on else 0.1
-    missing = [row["name"] for row in metrics["models"] if not run.weights_path(row["name"]).exists()
-               and not (row["name"] == "teacher" and recipe.teacher.checkpoint)]
-    if missing and not args.skip_missing:
-        raise RunError(f"{run.path}: weights missing for {', '.join(missing)} "
-                       f"(expected {run.weights_path(missing[0])}); --skip-missing evaluates the others")
-    data = load_run_dataset(run, recipe, args.data_dir, log=print if not args.json else
-                            lambda *a: print(*a, file=sys.stderr))
-    results, worst = [], 0.0
-    logits = {}
-    for row in metrics["models"]:
-        path = run.weights_path(row["name"])
-        if not path.exists():
-            continue  # missing (listed above) or a loaded teacher, which is not copied into the run
-        model, _ = load_model(path)
-        if row["arch"] == "mamba":
-            set_scan_backend(model, recipe.scan_backend)
-        logits[row["name"]] = predict(eval_mode([model.to(device)]), data, data.test.x, device=device)
-        acc = accuracy(logits[row["name"]], data.test.y)
-        results.append({"name": row["name"], "test_acc": acc, "recorded": row["test_acc"]})
-    for p in metrics["ensemble_prefixes"]:
-        if all(m in logits for m in p["members"]):
-            acc = accuracy(combine([logits[m] for m in p["members"]], p.get("shrinkage", 1.0)), data.test.y)
-            results.append({"name": p["name"], "test_acc": acc, "recorded": p["test_acc"]})
-    for r in results:
-        r["diff"] = abs(r["test_acc"] - r["recorded"])
-        worst = max(worst, r["diff"])
-    ok = worst <= tolerance
-    if args.json:
-        print(json.dumps({"run": args.run, "device": device, "trained_on": trained_on, "tolerance": tolerance,
-                          "results": results, "missing": missing, "max_diff": worst, "ok": ok}, indent=2))
+    ev = evaluate_run(run, data_dir=data_dir, device=device, tolerance=tolerance, skip_missing=skip_missing,
+                      log=_stderr if as_json else print)
+    if as_json:
+        print(json.dumps(ev.as_dict(), indent=2))
     else:
-        for r in results:
+        for r in ev.results:
             print(f"{r['name']:<18} test acc {r['test_acc']:6.2f}  (metrics.json {r['recorded']:6.2f})")
-        if missing:
-            print(f"not re-derived (weights missing): {', '.join(missing)}")
-        print(f"max difference {worst:.4f} points (evaluated on {device}, trained on {trained_on}; "
-              f"tolerance {tolerance:g})")
-    return 0 if ok else 1
+        if ev.missing:
+            print(f"not re-derived (weights missing): {', '.join(ev.missing)}")
+        print(f"max difference {ev.max_diff:.4f} points (evaluated on {ev.device}, trained on {ev.trained_on}; "
+              f"tolerance {ev.tolerance:g})")
+    return 0 if ev.ok else 1
 
 
-def cmd_export(args) -> int:
+# --------------------------------------------------------------------------------------------------- export
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", metavar="RUN", required=False)
+@click.option("--target", "target_names", multiple=True, metavar="NAME", shell_complete=_complete(_target_names),
+              help="export target (repeatable); see --list-targets")
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="export only this model (repeatable; e.g. chain/s2, ensemble[1..3], teacher; ensemble-members: "
+              "the largest prefix's members, one file each, for early exit)")
+@click.option("--list-targets", is_flag=True, help="list the export targets and exit")
+@targets_dir_option
+@click.option("--keep-going", is_flag=True, help="write the models that pass verification, skip (and name) those "
+              "that fail; exits 1 when any was skipped")
+@click.option("--no-verify", is_flag=True,
+              help="skip verification (says loudly that nothing was checked; the manifest records it)")
+@data_dir_option(of_run=True)
+@json_option("the manifest entries")
+def export(run, target_names, models, list_targets, targets_dir, keep_going, no_verify, data_dir, as_json):
+    """Export a run's students to ONNX / TFLite / ExecuTorch / PyTorch, quantized and verified.
+
+    Export every student and ensemble prefix of RUN (or --model NAME) for a target (export/*.yaml), verify each
+    artifact in its own runtime on the test split against the PyTorch fp32 model, and write RUN/export/TARGET/
+    with the artifacts and manifest.json.
+
+    Verification fails by default when the target's tolerance is missed (fp32: max |logit diff|; int8: accuracy
+    drop); nothing is written for a failed model.
+    """
     from edgepkd.compress.targets import load_targets
 
-    targets = load_targets(args.targets_dir)
-    if args.list_targets:
+    targets = load_targets(list(targets_dir))
+    if list_targets:
         width = max(len(name) for name, _ in targets.items())
         for name, t in targets.items():
             print(f"{name:<{width}} {t.format:<10} {t.precision:<5} {t.description}")
         return 0
-    if not args.run:
+    if not run:
         raise ConfigError("export: give a run directory (e.g. edgepkd export runs/digits --target onnx-fp32)")
-    if not args.target:
+    if not target_names:
         raise ConfigError(f"export: give --target NAME (targets: {', '.join(targets.names())})")
-    chosen = [targets.get(name) for name in args.target]
-    from edgepkd.compress.export import export_targets
+    chosen = [targets.get(name) for name in target_names]
+    from edgepkd.compress.export import VerificationError, export_targets
 
-    if args.no_verify:
-        print("edgepkd: WARNING: --no-verify: the exported files are NOT checked against PyTorch; "
-              "the manifest marks them unverified", file=sys.stderr)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    entries, refused = export_targets(args.run, chosen, models=args.model, do_verify=not args.no_verify,
-                                      data_dir=args.data_dir, log=log, keep_going=args.keep_going)
-    if args.json:
+    if no_verify:
+        _stderr("edgepkd: WARNING: --no-verify: the exported files are NOT checked against PyTorch; "
+                "the manifest marks them unverified")
+    entries, refused = export_targets(run, chosen, models=list(models) or None, do_verify=not no_verify,
+                                      data_dir=data_dir, log=_stderr if as_json else print, keep_going=keep_going)
+    if as_json:
         print(json.dumps(entries, indent=2))
     if refused:
-        from edgepkd.compress.export import VerificationError
-
         raise VerificationError(f"{len(refused)} model(s) failed verification and were not written "
                                 f"({', '.join(refused)}); the {len(entries)} that passed were")
     return 0
 
 
-def _device_profile(name: str, dirs: list[str]):
-    from edgepkd.measure.devices import load_devices
-
-    return load_devices(dirs).get(name)
-
-
-def _bench_options(args):
+# ------------------------------------------------------------------------------------------------ bench, pick
+def _bench_options(threads, python, random_input, min_runs, min_seconds, data_dir):
     from edgepkd.measure.bench import BenchOptions
 
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: give at least 1")
-    if args.min_runs < 1 or args.min_seconds < 0:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give at least 1")
+    if min_runs < 1 or min_seconds < 0:
         raise ConfigError("--min-runs must be at least 1 and --min-seconds at least 0")
-    return BenchOptions(threads=args.threads, python=args.python, images=not args.random_input,
-                        data_dir=args.data_dir, min_runs=args.min_runs, min_seconds=args.min_seconds)
+    return BenchOptions(threads=threads, python=python, images=not random_input, data_dir=data_dir,
+                        min_runs=min_runs, min_seconds=min_seconds)
 
 
-def cmd_bench(args) -> int:
+@cli.command(context_settings=CONTEXT)
+@click.argument("artifacts", metavar="ARTIFACT...", nargs=-1)
+@_device_option("device profile (see --list-devices)")
+@click.option("--list-devices", is_flag=True, help="list the device profiles and exit")
+@devices_dir_option
+@bench_options
+@json_option("the results")
+def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
+    """Time exported models on a device, in its runtime (or estimate them).
+
+    Run each ARTIFACT (a file, an export folder, or a run directory: every export of the device's format and
+    precisions) on the device of --device: locally, or over ssh (runner, artifacts and test images are copied
+    there, the JSON comes back), or estimated from MACs for devices with connect: none. Batch 1: warm-up >= 1 run
+    and 0.5 s, then >= --min-runs runs and --min-seconds (TFLite benchmark_model's defaults); p50/p90/p99, load
+    time, RAM, top-1 on the run's test images.
+
+    RAM is the model's peak-RSS growth (measured) or the sum of its non-constant tensors (estimated); storage is
+    the file size. Results: RUN/bench/DEVICE.json, written after each artifact.
+    """
     from edgepkd.measure.devices import load_devices
 
-    devices = load_devices(args.devices_dir)
-    if args.list_devices:
+    devices = load_devices(list(devices_dir))
+    if list_devices:
         width = max([18, *(len(name) for name, _ in devices.items())])
         for name, d in devices.items():
             how = "estimated" if d.estimated else d.connect
             print(f"{name:<{width}} {d.runtime:<12} {how:<34} {d.description}")
         return 0
-    if not args.device:
+    if not device:
         raise ConfigError(f"bench: give --device NAME (devices: {', '.join(devices.names())})")
-    profile = devices.get(args.device)
-    if not args.artifacts:
+    profile = devices.get(device)
+    if not artifacts:
         raise ConfigError("bench: give an artifact, an export folder or a run directory "
-                          f"(e.g. edgepkd bench runs/digits --device {args.device})")
-    from edgepkd.measure.bench import bench, render, resolve
+                          f"(e.g. edgepkd bench runs/digits --device {device})")
+    from edgepkd.measure.bench import bench as run_bench, render, resolve
 
-    options = _bench_options(args)
-    arts = resolve(args.artifacts, profile)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    opts = _bench_options(**options)
+    arts = resolve(list(artifacts), profile)
+    log = _stderr if as_json else print
     log(f"bench on '{profile.name}': {len(arts)} artifact(s)" + (" (estimated)" if profile.estimated else ""))
-    outcome = bench(arts, profile, options, log=log)
-    if args.json:
+    outcome = run_bench(arts, profile, opts, log=log)
+    if as_json:
         print(json.dumps([{**r, "key": a.key} for a, r in outcome.results], indent=2))
     elif outcome.results:
         print(render(outcome, profile))
@@ -558,72 +444,94 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_pick(args) -> int:
-    from edgepkd.measure.pick import pick, render
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", metavar="RUN")
+@_device_option("device profile (see edgepkd bench --list-devices)", required=True)
+@click.option("--latency-ms", type=float, metavar="X", help="p90 latency budget (default: the profile's)")
+@click.option("--min-accuracy", type=float, metavar="Y", help="lowest acceptable verified accuracy (%)")
+@click.option("--no-bench", is_flag=True, help="do not run bench for candidates without results; fail")
+@devices_dir_option
+@bench_options
+@json_option("the selection")
+def pick(run, device, latency_ms, min_accuracy, no_bench, devices_dir, as_json, **options):
+    """Pick the most accurate exported model that fits a device's budgets.
 
-    profile = _device_profile(args.device, args.devices_dir)
-    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 100:
-        raise ConfigError(f"--min-accuracy {args.min_accuracy}: give a percentage in [0, 100]")
-    if args.latency_ms is not None and args.latency_ms <= 0:
-        raise ConfigError(f"--latency-ms {args.latency_ms}: must be positive")
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    sel = pick(args.run, profile, latency_ms=args.latency_ms, min_accuracy=args.min_accuracy,
-               options=_bench_options(args), run_bench=not args.no_bench, log=log)
-    if args.json:
+    Candidates: every exported model of RUN (students, ensemble prefixes, the teacher and baselines) at every
+    precision the device uses. Accuracy: verified at export. Latency (p90), RAM and storage: from edgepkd bench on
+    the device (run for candidates without a current result). Chooses the highest accuracy within every budget,
+    prints the table with the choice marked and why each other candidate lost, writes RUN/selection.json. When
+    nothing fits it names the binding budget and what the closest candidate needs, and exits 1.
+
+    Budgets: latency = p90; RAM = the model's peak-RSS growth (measured) or the sum of its non-constant tensors
+    (estimated); storage = the artifact's bytes.
+    """
+    from pathlib import Path
+
+    from edgepkd import workflow
+    from edgepkd.measure.pick import pick as choose, record
+
+    profile = workflow.device_profile(device, devices_dir)
+    if min_accuracy is not None and not 0 <= min_accuracy <= 100:
+        raise ConfigError(f"--min-accuracy {min_accuracy}: give a percentage in [0, 100]")
+    if latency_ms is not None and latency_ms <= 0:
+        raise ConfigError(f"--latency-ms {latency_ms}: must be positive")
+    log = _stderr if as_json else print
+    sel = choose(run, profile, latency_ms=latency_ms, min_accuracy=min_accuracy,
+                 options=_bench_options(**options), run_bench=not no_bench, log=log)
+    if as_json:
         print(json.dumps(sel.as_dict(), indent=2))
-    else:
-        print(render(sel))
-    return _settle(sel, Path(args.run), log)
+        record(sel, Path(run))
+        log(f"picked {sel.explanation}\nselection: {sel.path}" +
+            (f"\nplot: {sel.plot} (accuracy vs p50 on '{sel.profile.name}')" if sel.plot else ""))
+        return 0
+    return _show_selection(lambda: record(sel, Path(run)), out=print)
 
 
-def _settle(sel, run: Path, log) -> int:
-    """The end of ``pick`` and ``distill --device``: the choice written to selection.json, or NothingFits (exit 1)
-    with the reason."""
-    from edgepkd.measure.pick import NothingFits, write_selection
+# ------------------------------------------------------------------------------------------------ report, list
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", metavar="RUN")
+def report(run):
+    """Re-render report.md and the plot from a run's metrics.json.
 
-    from edgepkd.measure.bench import plot_path
+    Rewrite RUN/report.md and RUN/accuracy_vs_mflops.png from RUN/metrics.json.
+    """
+    from pathlib import Path
 
-    if sel.choice is None:
-        raise NothingFits(sel.explanation)
-    plot = plot_path(run, sel.profile)
-    log(f"picked {sel.explanation}\nselection: {write_selection(run, sel)}" +
-        (f"\nplot: {plot} (accuracy vs p50 on '{sel.profile.name}')" if plot.is_file() else ""))
-    return 0
-
-
-def cmd_report(args) -> int:
     from edgepkd.report import load_metrics, write_report
     from edgepkd.rundir import RunDir
 
-    path = Path(args.run)
+    path = Path(run)
     RunDir(path).require_complete()
     write_report(path, load_metrics(path))
     print(f"wrote {path}/report.md and {path}/accuracy_vs_mflops.png")
     return 0
 
 
-def cmd_list(args) -> int:
-    if args.kind == "recipes":
+LISTS = ("recipes", "teachers", "students", "datasets", "scan-backends")
+
+
+@cli.command(name="list", context_settings=CONTEXT)
+@click.argument("kind", type=click.Choice(LISTS))
+def list_(kind):
+    """List the shipped recipes and registered teachers, students, datasets, scan backends.
+
+    The shipped recipes (name and file: edgepkd distill NAME runs one) and registered names: teachers, datasets
+    and scan backends as a recipe uses them; students: mamba (a recipe's students) and presets for Python use
+    (edgepkd.models.build_model(name, {}, num_classes, in_chans, image_size)).
+    """
+    if kind == "recipes":
         from edgepkd.recipe import builtin_recipes
 
         recipes = builtin_recipes()
         width = max(map(len, recipes))
         print("\n".join(f"{name:<{width}}  {path}" for name, path in recipes.items()))
-        return 0
-    if args.kind == "teachers":
-        from edgepkd.models import TEACHERS as reg
-    elif args.kind == "students":
-        from edgepkd.models import STUDENTS as reg
-    elif args.kind == "datasets":
-        from edgepkd.data import DATASETS as reg
-    else:
+    elif kind == "scan-backends":
         from edgepkd.models.scan import backend_names
 
         print("\n".join(backend_names()))
-        return 0
-    print("\n".join(reg.names()))
+    else:
+        from edgepkd import data, models
+
+        print("\n".join({"teachers": models.TEACHERS, "students": models.STUDENTS,
+                         "datasets": data.DATASETS}[kind].names()))
     return 0
-
-
-COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "export": cmd_export, "bench": cmd_bench, "pick": cmd_pick,
-            "evaluate": cmd_evaluate, "report": cmd_report, "list": cmd_list}

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from edgepkd.errors import ConfigError
+from edgepkd.errors import ConfigError, first_line
 from edgepkd.registry import closest
 
 
@@ -222,7 +222,7 @@ def load_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
 
 

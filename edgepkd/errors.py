@@ -23,3 +23,13 @@ class RunError(EdgepkdError):
     """A run directory is missing, incomplete, or would be overwritten."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException, limit: int = 300, with_type: bool = False) -> str:
+    """One line for an error that quotes another: the first non-empty line of ``e``'s message, at most ``limit``
+    characters; its type's name when the message is empty (``str(e).splitlines()[0]`` raises IndexError there).
+    ``with_type``: 'TypeName: first line'."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:limit]}" if with_type else lines[0][:limit]

@@ -1,4 +1,5 @@
-"""metrics.json -> report.md (the paper's table) and accuracy_vs_mflops.png."""
+"""metrics.json -> report.md (the paper's table) and accuracy_vs_mflops.png; the console tables of `distill` and
+`distill --dry-run`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,6 @@ import io
 from pathlib import Path
 
 from edgepkd.rundir import atomic_write_bytes, atomic_write_text, read_json
-
-FLOP_CONVENTION = ("FLOPs per image = 2 x MACs of conv/linear layers + selective scan 9·L·D·N (+2·L·D for the "
-                   "D skip and z gate); norms and activations not counted")
 
 
 def _fmt(v, spec: str) -> str:
@@ -26,11 +24,11 @@ def model_row(r: dict) -> str:
 
 
 def architecture_table(models: list[dict]) -> list[str]:
-    """The students' hyper-parameters, one line each (models of metrics.json; non-Mamba ones skipped)."""
+    """The students' hyper-parameters, one line each (models of metrics.json; the teacher and baselines skipped)."""
     lines = ["| model | d_model | depth | d_state | expand | patch | stem | bidirectional |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in models:
-        if r["arch"] == "mamba":
+        if r["role"] in ("chain", "ensemble"):
             s = r["spec"]
             lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['expand']} | "
                          f"{s['patch_size']} | {s.get('stem', 'patch')} | {s['bidirectional']} |")
@@ -100,3 +98,54 @@ def write_report(run_path: Path, metrics: dict) -> None:
 def load_metrics(run_path: Path) -> dict:
     return read_json(Path(run_path) / "metrics.json", {"models": list, "ensemble_prefixes": list}, "a metrics file",
                      "run edgepkd evaluate or distill --resume to write it again")
+
+
+def print_summary(metrics: dict) -> None:
+    """The end of ``edgepkd distill``: every model's and prefix's cost and test accuracy, as a console table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{metrics['recipe']}: test accuracy vs compute  ({metrics['run']})")
+    for col in ("model", "params", "MFLOPs", "% teacher", "test acc %"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for r in metrics["models"] + metrics["ensemble_prefixes"]:
+        acc = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.2f}"
+        table.add_row(r["name"], f"{r['params']:,}", f"{r['mflops']:.3f}", f"{r['pct_teacher_flops']:.2f}", acc)
+    console = Console()
+    console.print(table)
+    console.print(f"report: {metrics['run']}/report.md   wall time {metrics['wall_time_s']:.0f} s")
+
+
+def print_plan(recipe, data, plan, latency=None, as_json: bool = False) -> None:
+    """``distill --dry-run``: the planned students with their FLOPs (and p50 on the device when the progression is
+    by latency), as a console table or JSON."""
+    import json
+
+    rows = [{"student": i + 1, **spec, "params": f.params, "macs": f.macs, "mflops": f.flops / 1e6}
+            for i, (spec, f) in enumerate(plan)]
+    if latency is not None:
+        for r, ms in zip(rows, latency([spec for spec, _ in plan])):
+            r["p50_ms"] = ms
+    if as_json:
+        print(json.dumps({"recipe": recipe.name, "dataset": data.name, "students": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{recipe.name}: {len(rows)} students on {data.name} "
+                  f"({len(data.train)}/{len(data.val)}/{len(data.test)} images)")
+    cols = ["#", "d_model", "depth", "d_state", "patch", "stem", "params", "MACs", "MFLOPs"]
+    if latency is not None:
+        cols.append(f"p50 ms ({latency.profile.name}{', est.' if latency.profile.estimated else ''})")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["student"]), str(r["d_model"]), str(r["depth"]), str(r["d_state"]),
+                      str(r["patch_size"]), r["stem"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}",
+                      *([f"{r['p50_ms']:.4f}"] if latency is not None else []))
+    Console().print(table)
+    if latency is not None:
+        Console().print(f"latency table: {latency.path} ({latency.measured} timed now, the rest cached)")
+    if recipe.baselines:
+        Console().print("baselines (trained from labels): " + ", ".join(
+            f"{b.arch} {dict(b.args) or ''}{b.train.epochs} epochs" for b in recipe.baselines))

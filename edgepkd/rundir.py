@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from edgepkd.errors import RunError
+from edgepkd.errors import RunError, first_line
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: `edgepkd bench` / `pick` read runs without it
     import torch
@@ -89,7 +89,7 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = json.loads((f.metadata() or {}).get("edgepkd", "{}"))
         return load_file(str(path)), meta
     except Exception as e:  # not safetensors, truncated, bad header
-        raise RunError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+        raise RunError(f"{path}: not a readable safetensors file ({first_line(e, 200)})") from None
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,4 +1,7 @@
+import importlib.util
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +31,87 @@ def tiny_recipe(tmp_path) -> Path:
     return path
 
 
+def invoke(*args: str):
+    """``edgepkd ARGS`` in this process through click's CliRunner: (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from edgepkd.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """TINY_RECIPE distilled once for the session (``edgepkd distill tiny.yaml --quiet --json``; its stdout kept as
+    ``distill-stdout.json`` next to ``runs/``). Tests that change a run work on a copy (``run_copy``)."""
+    root = tmp_path_factory.mktemp("tiny")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE, sort_keys=False))
+    code, out, err = invoke("distill", recipe, "--out", root / "runs", "--quiet", "--json")
+    assert code == 0, err
+    (root / "distill-stdout.json").write_text(out)
+    return root / "runs" / "tiny"
+
+
+def loose_target(builtin: str, folder: Path, max_accuracy_drop: float) -> str:
+    """A copy of built-in int8 target ``builtin`` named 'loose-BUILTIN' in ``folder`` with its accuracy tolerance
+    opened: a 60-image synthetic test split is not what int8 tolerances are for."""
+    from edgepkd.compress.targets import BUILTIN_DIR
+
+    data = yaml.safe_load((BUILTIN_DIR / f"{builtin}.yaml").read_text())
+    name = f"loose-{builtin}"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({**data, "name": name,
+                                                         "verify": {"max_accuracy_drop": max_accuracy_drop}}))
+    return name
+
+
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@pytest.fixture(scope="session")
+def tiny_exported_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of ``tiny_run`` with the exports the bench and ExecuTorch tests read: every model to tflite-fp32,
+    chain/s1 to onnx-fp32, chain/s2 to loose-tflite-int8 (when the TFLite and ONNX modules are installed);
+    chain/s1 and chain/s2 to executorch-fp32, chain/s2 to loose-executorch-int8 (when ExecuTorch is)."""
+    root = tmp_path_factory.mktemp("exported")
+    run = root / "tiny"
+    shutil.copytree(tiny_run, run)
+    loose = root / "targets"
+    exports = []
+    if _installed("onnxruntime", "onnxscript", "litert_torch", "ai_edge_litert", "torchao"):
+        exports += [["--target", "tflite-fp32"], ["--target", "onnx-fp32", "--model", "chain/s1"],
+                    ["--target", loose_target("tflite-int8", loose, 100.0), "--model", "chain/s2"]]
+    if _installed("executorch", "torchao"):
+        exports += [["--target", "executorch-fp32", "--model", "chain/s1", "--model", "chain/s2"],
+                    ["--target", loose_target("executorch-int8", loose, 50.0), "--model", "chain/s2"]]
+    for args in exports:
+        code, _, err = invoke("export", run, *args, "--targets-dir", loose)
+        assert code == 0, err
+    return run
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    """A copy of the module's ``run_dir`` for a test that changes it."""
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def manifest(run: Path, target: str) -> dict:
+    """file -> entry of RUN/export/TARGET/manifest.json."""
+    return {e["file"]: e for e in json.loads((run / "export" / target / "manifest.json").read_text())["artifacts"]}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("edgepkd: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def data_dir() -> Path | None:
     """Real datasets (MNIST, CIFAR-10) live under $EDGEPKD_DATA; tests that need them skip otherwise."""
     d = os.environ.get("EDGEPKD_DATA")
@@ -41,3 +125,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgepkd", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
+
+
+def registered_student(name: str, num_classes: int, in_chans: int, image_size: int, **args):
+    """Registered student ``name`` built as a run builds one (``build_model``): the recipes' architecture
+    (``STUDENT_ARCH``) takes the smallest d_model of the presets, which fix their own."""
+    from edgepkd.models import STUDENT_ARCH, build_model
+
+    fixed = {"d_model": 8} if name == STUDENT_ARCH else {}
+    return build_model(name, {**fixed, **args}, num_classes, in_chans, image_size)

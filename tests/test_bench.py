@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import manifest, one_line_error
 from edgepkd.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.export]
@@ -35,36 +36,9 @@ FAST = ["--min-runs", "3", "--min-seconds", "0"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """The tiny recipe, exported: every model to tflite-fp32, chain/s1 to onnx-fp32, chain/s2 to tflite-int8
-    (tolerance opened: a 60-image synthetic test split is not what int8 tolerances are for)."""
-    from conftest import TINY_RECIPE
-
-    root = tmp_path_factory.mktemp("bench")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
-    assert main(["distill", str(root / "tiny.yaml"), "--out", str(root / "runs"), "--quiet"]) == 0
-    run = root / "runs" / "tiny"
-    loose = root / "targets"
-    loose.mkdir()
-    target = yaml.safe_load((BUILTIN_DIR / "tflite-int8.yaml").read_text())
-    (loose / "loose-tflite-int8.yaml").write_text(yaml.safe_dump(
-        {**target, "name": "loose-tflite-int8", "verify": {"max_accuracy_drop": 100.0}}))
-    assert main(["export", str(run), "--target", "tflite-fp32"]) == 0
-    assert main(["export", str(run), "--target", "onnx-fp32", "--model", "chain/s1"]) == 0
-    assert main(["export", str(run), "--target", "loose-tflite-int8", "--model", "chain/s2",
-                 "--targets-dir", str(loose)]) == 0
-    return run
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    return dst
-
-
-def manifest(run: Path, target: str) -> dict:
-    return {e["file"]: e for e in json.loads((run / "export" / target / "manifest.json").read_text())["artifacts"]}
+def run_dir(tiny_exported_run):
+    """The tiny recipe, exported: every model to tflite-fp32, chain/s1 to onnx-fp32, chain/s2 to loose-tflite-int8."""
+    return tiny_exported_run
 
 
 def devices_dir(tmp_path: Path, **profiles: dict) -> Path:
@@ -73,12 +47,6 @@ def devices_dir(tmp_path: Path, **profiles: dict) -> Path:
     for name, data in profiles.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **data}))
     return folder
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("edgepkd: error: ") and err.count("\n") == 1, err
-    return err
 
 
 # ------------------------------------------------------------------------------------------------- runner
@@ -454,6 +422,18 @@ def test_distill_with_device_goes_from_recipe_to_a_picked_artifact(tmp_path, tin
     assert all(r["memory"]["activation_bytes"] > 0 for r in stored.values())  # ONNX activations estimated
     out = capsys.readouterr().out
     assert "chosen: the most accurate" in out and "exporting" not in out  # --quiet: the table, no progress
+    # the answer is the last lines, as edgepkd pick prints it: picked ..., selection: ... (and the plot)
+    lines = out.rstrip("\n").splitlines()
+    i = max(k for k, line in enumerate(lines) if line.startswith("picked "))
+    assert lines[i + 1] == f"selection: {run / 'selection.json'}" and len(lines) - i <= 3
+    assert all(line.startswith("plot: ") for line in lines[i + 2:])
+    # from Python: the same chain gives the same choice
+    from edgepkd import workflow
+
+    again = workflow.deploy(run, "board", devices_dir=[str(folder)], log=lambda *a: None)
+    assert again.path == run / "selection.json"
+    assert {k: again.choice.as_dict()[k] for k in ("model", "target", "file", "accuracy")} == \
+        {k: sel["choice"][k] for k in ("model", "target", "file", "accuracy")}
     assert main(["distill", str(tiny_recipe), "--out", str(tmp_path / "runs2"), "--device", "nope"]) == 2
     assert "unknown device 'nope'" in one_line_error(capsys)
     assert not (tmp_path / "runs2").exists()  # failed before training

@@ -19,7 +19,7 @@ def test_digits_recipe_is_the_embedded_demo():
     assert load_recipe(REPO / "recipes" / "digits.yaml") == Recipe()
 
 
-@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")))
 def test_shipped_recipes_load(name):
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
     assert recipe.name == name

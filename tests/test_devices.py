@@ -10,8 +10,7 @@ from edgepkd.cli import main
 from edgepkd.errors import ConfigError
 from edgepkd.measure.devices import BUILTIN_DIR, load_device, load_devices
 
-SHIPPED = ["host", "host-onnxruntime", "host-executorch", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano",
-           "android-pixel", "android-pixel-executorch", "cortex-m7"]
+SHIPPED = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))   # every profile of the built-in devices/ folder
 GOOD = {"name": "mine", "runtime": "tflite", "connect": "local",
         "budget": {"latency_ms": 5, "ram_mib": 64, "storage_mib": 8}}
 
@@ -22,12 +21,19 @@ def write(folder, data, name="mine"):
     return folder
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_loads_and_exports_to_a_known_target(name):
+    from edgepkd.workflow import device_targets
+
+    p = load_devices().get(name)
+    assert p.name == name and p.budget.latency_ms > 0 and p.threads >= 1
+    chosen = device_targets(p)
+    assert chosen and all(t.format == p.format for t in chosen)   # distill --device has something to export
+
+
 def test_shipped_profiles_load_and_are_listed(capsys):
     devices = load_devices()
-    assert set(SHIPPED) <= set(devices.names())
-    for name in SHIPPED:
-        p = devices.get(name)
-        assert p.format in ("tflite", "onnx", "executorch") and p.budget.latency_ms > 0 and p.threads >= 1
+    assert set(SHIPPED) <= set(devices.names()) and len(SHIPPED) >= 9
     assert devices.get("host").connect == "local"
     assert devices.get("host-executorch").format == "executorch" and devices.get("host-executorch").connect == "local"
     phone, phone_et = devices.get("android-pixel"), devices.get("android-pixel-executorch")
@@ -43,7 +49,7 @@ def test_shipped_profiles_load_and_are_listed(capsys):
 
 def test_cortex_m7_calibration_is_mlperf_tiny_resnet8_on_stm32h7a3():
     """12.5 M MACs (ResNet-8, counted by edgepkd) x 18.401 inferences/s (ST's MLPerf Tiny v1.0 result)."""
-    from edgepkd.measure.flops import count_flops
+    from edgepkd.models.flops import count_flops
     from edgepkd.models import TEACHERS
 
     macs = count_flops(TEACHERS.get("resnet8")(num_classes=10, in_chans=3, image_size=32), (3, 32, 32)).macs

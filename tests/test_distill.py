@@ -13,70 +13,121 @@ def distill(recipe, out, *extra):
     return main(["distill", str(recipe), "--out", str(out), "--quiet", *extra])
 
 
-def test_end_to_end_synthetic_run_directory(tiny_recipe, tmp_path, capsys):
-    assert distill(tiny_recipe, tmp_path / "runs", "--json") == 0
-    metrics = json.loads(capsys.readouterr().out)
-    run = tmp_path / "runs" / "tiny"
+@pytest.fixture
+def metrics(tiny_run) -> dict:
+    """What ``distill --json`` printed for the session's tiny run."""
+    return json.loads((tiny_run.parents[1] / "distill-stdout.json").read_text())
+
+
+def test_the_run_directory_holds_every_file(tiny_run):
     for name in ("recipe.yaml", "state.json", "metrics.json", "report.md", "accuracy_vs_mflops.png"):
-        assert (run / name).is_file(), name
-    assert (run / "accuracy_vs_mflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list((run / "checkpoints").glob("*")), "finished stages leave no checkpoints"
+        assert (tiny_run / name).is_file(), name
+    assert (tiny_run / "accuracy_vs_mflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tiny_run / "checkpoints").glob("*")), "finished stages leave no checkpoints"
+
+
+def test_json_output_is_metrics_json(tiny_run, metrics):
+    assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
+    assert metrics["environment"]["device"] == "cpu" and metrics["resumed"] is False
+    assert metrics["run"] == str(tiny_run) and metrics["recipe"] == "tiny"
+
+
+def test_every_stage_has_a_weights_file_that_describes_it(tiny_run, metrics):
     names = [m["name"] for m in metrics["models"]]
     assert names == ["teacher", "chain/s1", "chain/s2", "ensemble/e1", "ensemble/e2"]
     for stage in names:
-        tensors, meta = load_safetensors(RunDir(run).weights_path(stage))
+        tensors, meta = load_safetensors(RunDir(tiny_run).weights_path(stage))
         assert meta["stage"] == stage and meta["classes"] == ["class0", "class1", "class2", "class3"]
         assert meta["preprocessing"]["input_shape"] == [1, 8, 8]
+
+
+def test_metrics_rows_shrink_and_prefixes_sum_their_members(metrics):
     chain = [m for m in metrics["models"] if m["role"] == "chain"]
     assert chain[0]["macs"] > chain[1]["macs"] and chain[0]["flops"] > chain[1]["flops"]
     assert [p["name"] for p in metrics["ensemble_prefixes"]] == ["ensemble[1..1]", "ensemble[1..2]"]
+    members = {m["name"]: m for m in metrics["models"]}
+    for p in metrics["ensemble_prefixes"]:
+        for key in ("params", "macs", "flops"):
+            assert p[key] == sum(members[m][key] for m in p["members"]), (p["name"], key)
     teacher = metrics["models"][0]
     assert teacher["pct_teacher_flops"] == 100.0 and teacher["test_acc"] > 60  # 4 classes: chance is 25%
+    n_test = metrics["dataset"]["test"]
     for m in metrics["models"] + metrics["ensemble_prefixes"]:
-        assert 0 <= m["test_acc"] <= 100 and m["params"] > 0 and m["flops"] > 0
-    report = (run / "report.md").read_text()
-    for m in metrics["models"]:
+        # an accuracy on n_test images is a whole number of them (up to the float32 mean it is computed with)
+        assert m["test_acc"] * n_test / 100 == pytest.approx(round(m["test_acc"] * n_test / 100), abs=1e-4)
+        assert m["params"] > 0 and m["flops"] > 0
+
+
+def test_report_lists_every_model_and_prefix(tiny_run, metrics):
+    report = (tiny_run / "report.md").read_text()
+    for m in metrics["models"] + metrics["ensemble_prefixes"]:
         assert f"| {m['name']} |" in report
-    assert "ensemble[1..2]" in report and "% teacher FLOPs" in report
-    # evaluate re-derives every number from the saved weights
-    assert main(["evaluate", str(run)]) == 0
-    assert metrics["environment"]["device"] == "cpu" and metrics["resumed"] is False
-    check_evaluate_tolerance_and_missing_weights(run, capsys)
+    assert "% teacher FLOPs" in report
+    for m in metrics["models"][1:]:  # the student architectures table: every student, not the teacher
+        assert f"| {m['name']} | {m['spec']['d_model']} |" in report
+    assert "| teacher | 8 |" not in report
 
 
-def check_evaluate_tolerance_and_missing_weights(run, capsys):
-    """Exact on the device kind the run trained on; 0.1 points across kinds; missing weights named."""
-    path = run / "metrics.json"
-    original = json.loads(path.read_text())
-    capsys.readouterr()
+def test_evaluate_rederives_every_number_exactly(tiny_run, metrics, capsys):
+    assert main(["evaluate", str(tiny_run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    recorded = {m["name"]: m["test_acc"] for m in metrics["models"] + metrics["ensemble_prefixes"]}
+    assert {r["name"]: r["test_acc"] for r in out["results"]} == recorded
+    assert out["ok"] and out["max_diff"] == 0.0 and out["tolerance"] == 1e-6 and out["missing"] == []
 
-    def evaluate_with(device: str, shift: float, *extra) -> int:
+
+def test_evaluate_from_python_is_what_the_command_prints(tiny_run, capsys):
+    from edgepkd.distill.evaluate import evaluate_run
+
+    assert main(["evaluate", str(tiny_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == evaluate_run(str(tiny_run), log=lambda *a: None).as_dict()
+
+
+@pytest.fixture
+def rewrite_metrics(tiny_run, tmp_path):
+    """A copy of the tiny run and a function that rewrites its metrics.json: the device it was trained on and
+    a shift of chain/s1's recorded accuracy."""
+    import shutil
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    original = json.loads((run / "metrics.json").read_text())
+
+    def rewrite(device: str, shift: float):
         m = json.loads(json.dumps(original))
         m["environment"]["device"] = device
         m["models"][1]["test_acc"] += shift
-        path.write_text(json.dumps(m))
-        return main(["evaluate", str(run), "--device", "cpu", *extra])
+        (run / "metrics.json").write_text(json.dumps(m))
+        return run
 
-    try:
-        assert evaluate_with("cpu", 0.05) == 1           # same kind: any difference is a mismatch
-        assert evaluate_with("cuda", 0.05) == 0          # a GPU run checked on a CPU: borderline flips allowed
-        assert "trained on cuda; tolerance 0.1" in capsys.readouterr().out
-        assert evaluate_with("cuda", 0.5) == 1
-        assert evaluate_with("cuda", 0.5, "--tolerance", "1") == 0
-        weights = RunDir(run).weights_path("teacher")
-        weights.rename(weights.with_suffix(".bak"))
-        try:
-            capsys.readouterr()
-            assert evaluate_with("cpu", 0.0) == 2
-            err = capsys.readouterr().err.strip()
-            assert "weights missing for teacher" in err and "--skip-missing" in err and len(err.splitlines()) == 1
-            assert evaluate_with("cpu", 0.0, "--skip-missing", "--json") == 0
-            out = json.loads(capsys.readouterr().out)
-            assert out["missing"] == ["teacher"] and "teacher" not in [r["name"] for r in out["results"]]
-        finally:
-            weights.with_suffix(".bak").rename(weights)
-    finally:
-        path.write_text(json.dumps(original))
+    return rewrite
+
+
+def test_evaluate_is_exact_on_the_device_kind_it_trained_on(rewrite_metrics):
+    run = rewrite_metrics("cpu", 0.05)
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 1           # same kind: any difference is a mismatch
+
+
+def test_evaluate_allows_a_tenth_of_a_point_across_device_kinds(rewrite_metrics, capsys):
+    run = rewrite_metrics("cuda", 0.05)
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0          # a GPU run checked on a CPU: borderline flips
+    assert "trained on cuda; tolerance 0.1" in capsys.readouterr().out
+    run = rewrite_metrics("cuda", 0.5)
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 1
+    assert main(["evaluate", str(run), "--device", "cpu", "--tolerance", "1"]) == 0
+
+
+def test_evaluate_names_missing_weights(rewrite_metrics, capsys):
+    run = rewrite_metrics("cpu", 0.0)
+    RunDir(run).weights_path("teacher").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "weights missing for teacher" in err and "--skip-missing" in err and len(err.splitlines()) == 1
+    assert main(["evaluate", str(run), "--device", "cpu", "--skip-missing", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["missing"] == ["teacher"] and "teacher" not in [r["name"] for r in out["results"]]
+    assert len(out["results"]) == 4 + 2                                    # 4 students, 2 prefixes
 
 
 def test_refuses_to_overwrite_and_resume_needs_a_run(tiny_recipe, tmp_path, capsys):

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import manifest, one_line_error
 from edgepkd.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.export]
@@ -31,41 +32,9 @@ NUMPY_RUNTIME = "executorch-numpy-runtime==1.4.0"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """The tiny recipe; chain/s1 and chain/s2 exported to executorch-fp32, chain/s2 to executorch-int8 with its
-    accuracy tolerance opened (a 60-image synthetic split is not what int8 tolerances are for)."""
-    from conftest import TINY_RECIPE
-
-    root = tmp_path_factory.mktemp("executorch")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
-    assert main(["distill", str(root / "tiny.yaml"), "--out", str(root / "runs"), "--quiet"]) == 0
-    run = root / "runs" / "tiny"
-    loose = root / "targets"
-    loose.mkdir()
-    target = yaml.safe_load((BUILTIN_DIR / "executorch-int8.yaml").read_text())
-    (loose / "loose-executorch-int8.yaml").write_text(yaml.safe_dump(
-        {**target, "name": "loose-executorch-int8", "verify": {"max_accuracy_drop": 50.0}}))
-    assert main(["export", str(run), "--target", "executorch-fp32", "--model", "chain/s1", "--model", "chain/s2"]) == 0
-    assert main(["export", str(run), "--target", "loose-executorch-int8", "--model", "chain/s2",
-                 "--targets-dir", str(loose)]) == 0
-    return run
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    return dst
-
-
-def manifest(run: Path, target: str) -> dict:
-    return {e["file"]: e for e in json.loads((run / "export" / target / "manifest.json").read_text())["artifacts"]}
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("edgepkd: error: ") and err.count("\n") == 1, err
-    return err
+def run_dir(tiny_exported_run):
+    """The tiny recipe; chain/s1 and chain/s2 exported to executorch-fp32, chain/s2 to loose-executorch-int8."""
+    return tiny_exported_run
 
 
 def write_images(run: Path, path: Path) -> Path:

@@ -15,29 +15,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.export]
 for module in ("onnxruntime", "onnxscript", "litert_torch", "ai_edge_litert", "torchao"):
     pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[export]'")
 
-from edgepkd.compress import onnx_export, tflite_export, torch_export  # noqa: E402
+from edgepkd.compress import onnx_export, tflite_export  # noqa: E402
+from edgepkd.compress.formats import FORMATS, runtime_format, runtimes  # noqa: E402
 from edgepkd.compress.targets import BUILTIN_DIR, load_targets  # noqa: E402
-
-READERS = {"onnx": onnx_export.read_metadata, "tflite": tflite_export.read_metadata,
-           "torch": torch_export.read_metadata}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from conftest import TINY_RECIPE
-
-    root = tmp_path_factory.mktemp("export")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
-    assert main(["distill", str(recipe), "--out", str(root / "runs"), "--quiet"]) == 0
-    return root / "runs" / "tiny"
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    return dst
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture
@@ -57,12 +42,40 @@ def loose_targets(tmp_path):
 def test_list_targets(capsys):
     assert main(["export", "--list-targets"]) == 0
     out = capsys.readouterr().out
-    for name in ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "torch-int8"):
-        assert name in out
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == load_targets().names()
 
 
-@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-int8-weights", "tflite-fp32",
-                                  "tflite-int8", "tflite-int8-static", "tflite-int8-weights", "torch-int8"])
+# every built-in target; the ExecuTorch ones, which need the executorch package, in test_executorch.py
+BUILTIN_TARGETS = [name for name, t in load_targets().items() if t.format != "executorch"]
+
+
+@pytest.mark.parametrize("name", FORMATS.names())
+def test_every_format_declares_its_facts_and_its_exporter_the_three_calls(name):
+    f = FORMATS.get(name)
+    assert f.name == name and f.suffix.startswith(".") and f.needs and "none" in f.methods
+    assert f.runtime is None or runtime_format(f.runtime) == name
+    assert any(t.format == name for _, t in load_targets().items()), "no built-in target uses it"
+    if f.missing():
+        pytest.skip(f"needs {', '.join(f.missing())}")
+    module = f.exporter()
+    assert callable(module.export) and callable(module.read_metadata) and isinstance(module.Runner, type)
+
+
+def test_suffixes_and_runtimes_are_one_each():
+    suffixes = [f.suffix for _, f in FORMATS.items()]
+    assert len(set(suffixes)) == len(suffixes) and len(BUILTIN_TARGETS) >= 9
+    assert runtimes() == sorted({f.runtime for _, f in FORMATS.items() if f.runtime})
+
+
+def test_unknown_format_in_a_target_is_one_line(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"name": "mine", "format": "onx", "precision": "fp32"}))
+    assert main(["export", "--list-targets", "--targets-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "mine.yaml: format: 'onx' is not allowed; did you mean 'onnx'?" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", BUILTIN_TARGETS)
 def test_every_target_exports_verifies_and_describes(name, run_copy, loose_targets, capsys):
     target = name if name.endswith("fp32") else f"loose-{name}"
     assert main(["export", str(run_copy), "--target", target, "--model", "chain/s2", "--targets-dir",
@@ -79,7 +92,7 @@ def test_every_target_exports_verifies_and_describes(name, run_copy, loose_targe
     assert [a["file"] for a in manifest["artifacts"]] == [entry["file"]]
     assert entry["preprocessing"]["input_shape"] == [1, 8, 8] and entry["classes"][0] == "class0"
     assert entry["macs"] > 0 and entry["input"]["shape"] == [1, 1, 8, 8]
-    meta = READERS[t.format](path)  # the file alone carries preprocessing and labels
+    meta = t.export_format.read_metadata(path)  # the file alone carries preprocessing and labels
     assert meta["classes"] == entry["classes"] and meta["preprocessing"] == entry["preprocessing"]
     assert not list(path.parent.glob(".*tmp*")), "temporary files left behind"
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgepkd.measure.flops import count_flops
+from conftest import registered_student
 from edgepkd.models import STUDENTS, TEACHERS, MambaStudent, build_teacher
+from edgepkd.models.flops import count_flops
 
 
 def test_hand_computed_small_student():
@@ -39,7 +40,7 @@ def torch_counted_flops(model, shape) -> int:
 
 @pytest.mark.parametrize("name", STUDENTS.names())
 def test_conv_linear_part_matches_flopcountermode_students(name):
-    model = STUDENTS.get(name)(num_classes=10, in_chans=1, image_size=16, patch_size=4)
+    model = registered_student(name, 10, 1, 16, patch_size=4)
     r = count_flops(model, (1, 16, 16))
     # The reference scan uses only elementwise ops, which FlopCounterMode does not count.
     assert torch_counted_flops(model, (1, 16, 16)) == 2 * r.macs

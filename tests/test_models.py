@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from conftest import registered_student
+
 from edgepkd.errors import ConfigError
 from edgepkd.models import STUDENTS, TEACHERS, MambaStudent, build_teacher, export_mode, set_scan_backend
 from edgepkd.models.mamba import EXPORTABLE_SCANS, SSMBranch
@@ -11,7 +13,7 @@ SHAPES = [(1, 8), (3, 32)]  # (channels, image size): digits-like and CIFAR-like
 @pytest.mark.parametrize("name", STUDENTS.names())
 @pytest.mark.parametrize("chans, size", SHAPES)
 def test_every_registered_student_forward_backward(name, chans, size):
-    model = STUDENTS.get(name)(num_classes=10, in_chans=chans, image_size=size, patch_size=4)
+    model = registered_student(name, 10, chans, size, patch_size=4)
     x = torch.randn(2, chans, size, size)
     feats = model.forward_features(x)
     assert feats.shape == (2, (size // 4) ** 2, model.num_features)
@@ -19,7 +21,9 @@ def test_every_registered_student_forward_backward(name, chans, size):
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0, "no gradient reaches the patch embedding (the first parameter)"
 
 
 @pytest.mark.parametrize("name", TEACHERS.names())
@@ -27,12 +31,15 @@ def test_every_registered_student_forward_backward(name, chans, size):
 def test_every_registered_teacher_forward(name, chans, size):
     model = build_teacher(name, {}, 10, chans, size)
     out = model(torch.randn(2, chans, size, size))
-    assert out.shape == (2, 10)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0, "no gradient reaches the first layer"
 
 
 def test_resnet8_is_the_mlperf_tiny_reference_size():
-    from edgepkd.measure.flops import count_flops
+    from edgepkd.models.flops import count_flops
 
     report = count_flops(build_teacher("resnet8", {}, 10, 3, 32), (3, 32, 32))
     assert 77_000 <= report.params <= 80_000       # MLPerf Tiny: ~78k parameters
@@ -78,7 +85,7 @@ def test_export_mode_forces_an_exportable_scan_and_restores():
 
 
 def test_conv_stem_student_counts_its_stem_for_even_and_odd_patches():
-    from edgepkd.measure.flops import count_flops
+    from edgepkd.models.flops import count_flops
 
     patch = MambaStudent(10, 3, 32, d_model=16, depth=1, d_state=4, patch_size=4)
     conv = MambaStudent(10, 3, 32, d_model=16, depth=1, d_state=4, patch_size=4, stem="conv")
@@ -106,7 +113,7 @@ def test_conv_stem_student_counts_its_stem_for_even_and_odd_patches():
 @pytest.mark.parametrize("image_size,patch", [(14, 2), (10, 2), (9, 3)])  # L = 49, 25, 9: odd lengths
 def test_export_forms_match_the_reference_for_every_registered_student(scan, name, image_size, patch):
     torch.manual_seed(0)
-    model = STUDENTS.get(name)(10, 1, image_size, patch_size=patch).eval()
+    model = registered_student(name, 10, 1, image_size, patch_size=patch).eval()
     x = torch.randn(3, 1, image_size, image_size)
     with torch.no_grad(), export_mode(model, scan="torch"):
         ref = model(x)

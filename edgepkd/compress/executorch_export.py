@@ -92,7 +92,7 @@ class Runner:
     runtime = "executorch"
 
     def __init__(self, path: Path, threads: int | None = None):
-        from edgepkd.measure import runner
+        import edgepkd.measure.runner as runner  # the standalone device runner (numpy and a runtime only)
 
         try:
             self.model = runner.ExecuTorchModel(str(path), threads, "executorch")

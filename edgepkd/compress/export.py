@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +21,12 @@ import torch
 import torch.nn as nn
 
 import edgepkd
-from edgepkd.compress.targets import FORMAT_NEEDS, ExportTarget
+from edgepkd.compress.targets import ExportTarget
 from edgepkd.compress.verify import Verification, verify
-from edgepkd.errors import EdgepkdError, RunError
+from edgepkd.errors import EdgepkdError, RunError, first_line
 from edgepkd.models.ensemble import EnsemblePrefix
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
-EXPORTERS = {"onnx": "edgepkd.compress.onnx_export", "tflite": "edgepkd.compress.tflite_export",
-             "torch": "edgepkd.compress.torch_export", "executorch": "edgepkd.compress.executorch_export"}
 
 
 class VerificationError(EdgepkdError):
@@ -50,7 +46,7 @@ def file_stem(name: str) -> str:
 
 
 def require_runtime(target: ExportTarget) -> None:
-    missing = [m for m in FORMAT_NEEDS[target.format] if importlib.util.find_spec(m) is None]
+    missing = target.export_format.missing()
     if missing:
         raise EdgepkdError(f"export target '{target.name}' needs {', '.join(missing)}: "
                            "pip install -e '.[export]' (or pip install 'edgepkd[export]')")
@@ -127,7 +123,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     run = RunDir(run_path)
     run.require_complete()
     require_runtime(target)
-    exporter = importlib.import_module(EXPORTERS[target.format])
+    fmt = target.export_format
     metrics = load_metrics(run.path)
     chosen = candidates(run, metrics, models)
     loaded: dict[str, nn.Module] = {}
@@ -170,16 +166,16 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                                "edgepkd_version": edgepkd.__version__, "torch_version": torch.__version__}}
         try:
             with export_mode(net, scan=target.scan):
-                exporter.export(net, example, tmp, target, calibration, meta)
-            runner = exporter.Runner(tmp)
+                fmt.export(net, example, tmp, target, calibration, meta)
+            runner = fmt.runner(tmp)
             result = verify(runner, net, x_test, data.test.y, target) if do_verify else None
         except EdgepkdError:
             _cleanup(tmp)
             raise
         except Exception as e:
             _cleanup(tmp)
-            raise EdgepkdError(f"export of {c.name} to {target.name} failed: {type(e).__name__}: "
-                               f"{_first_line(e)}") from None
+            raise EdgepkdError(f"export of {c.name} to {target.name} failed: "
+                               f"{first_line(e, with_type=True)}") from None
         except BaseException:
             _cleanup(tmp)
             raise
@@ -224,11 +220,6 @@ def export_targets(run_path: str, targets: list[ExportTarget], *, models: list[s
 def _cleanup(tmp: Path) -> None:
     for p in (tmp, Path(str(tmp) + ".data")):
         p.unlink(missing_ok=True)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else repr(e)
 
 
 def _entry(path: Path, c: Candidate, target: ExportTarget, runner, meta: dict, result: Verification | None) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from edgepkd.compress.targets import ExportTarget, QuantConfig
-from edgepkd.errors import EdgepkdError
+from edgepkd.errors import EdgepkdError, first_line
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
@@ -199,7 +199,7 @@ class Runner:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise EdgepkdError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+            raise EdgepkdError(f"{path}: onnxruntime cannot load it: {first_line(e)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
 

@@ -14,21 +14,17 @@ from pathlib import Path
 from typing import Literal
 
 from edgepkd.builtins import builtin_dir
+from edgepkd.compress.formats import FORMATS, ExportFormat
 from edgepkd.config import check, load_named_dirs
-from edgepkd.registry import Registry
+from edgepkd.registry import Registry, closest
 
 BUILTIN_DIR = builtin_dir("export")
 
-# format -> modules it needs (all in the pip extra 'export')
-FORMAT_NEEDS = {"onnx": ["onnx", "onnxscript", "onnxruntime"], "tflite": ["litert_torch", "ai_edge_litert"],
-                "torch": ["torchao"], "executorch": ["executorch", "torchao"]}
-METHODS = {"onnx": ("none", "ort_static", "ort_dynamic", "weights"), "tflite": ("none", "pt2e", "weights"),
-           "torch": ("none", "torchao"), "executorch": ("none", "pt2e")}
 
 
 @dataclass
 class QuantConfig:
-    method: Literal["none", "ort_static", "ort_dynamic", "pt2e", "torchao", "weights"] = "none"  # weights: int8
+    method: str = "none"                           # one of the format's methods (formats.py); weights: int8
                                                    # storage of every float constant, float compute (weights.py)
     op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])  # ort_*: ops to quantize
     per_channel: bool = True
@@ -67,7 +63,7 @@ class VerifyConfig:
 @dataclass
 class ExportTarget:
     name: str
-    format: Literal["onnx", "tflite", "torch", "executorch"]
+    format: str                            # a registered format (formats.py: FORMATS)
     precision: Literal["fp32", "int8"]
     description: str = ""
     quantization: QuantConfig = field(default_factory=QuantConfig)
@@ -78,9 +74,11 @@ class ExportTarget:
     opset: int = 18                        # onnx
 
     def __post_init__(self):
-        method = self.quantization.method
-        check(method in METHODS[self.format], "quantization.method",
-              f"'{method}' does not apply to format {self.format} (allowed: {', '.join(METHODS[self.format])})")
+        check(self.format in FORMATS, "format", f"{self.format!r} is not allowed{closest(self.format, FORMATS)} "
+              f"(allowed: {', '.join(FORMATS.names())})")
+        method, methods = self.quantization.method, FORMATS.get(self.format).methods
+        check(method in methods, "quantization.method",
+              f"'{method}' does not apply to format {self.format} (allowed: {', '.join(methods)})")
         check((method == "none") == (self.precision == "fp32"), "precision",
               "fp32 targets use quantization.method none; int8 targets name a quantization method")
         check(not (method == "weights" and self.quantization.exclude_modules), "quantization.exclude_modules",
@@ -92,8 +90,12 @@ class ExportTarget:
             self.verify.max_accuracy_drop = 1.0
 
     @property
+    def export_format(self) -> ExportFormat:
+        return FORMATS.get(self.format)
+
+    @property
     def suffix(self) -> str:
-        return {"onnx": ".onnx", "tflite": ".tflite", "torch": ".pt2", "executorch": ".pte"}[self.format]
+        return self.export_format.suffix
 
 
 def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:

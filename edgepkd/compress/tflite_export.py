@@ -21,7 +21,7 @@ import torch
 
 from edgepkd.compress._native import quiet_native
 from edgepkd.compress.targets import ExportTarget
-from edgepkd.errors import EdgepkdError
+from edgepkd.errors import EdgepkdError, first_line
 
 METADATA_KEY = "edgepkd"
 
@@ -53,7 +53,7 @@ def _quantizer(target: ExportTarget):
 
 
 def _module_path(node) -> str:
-    """The module a graph node of torch.export belongs to ('blocks.0.mixer.ssm.x_proj'), from nn_module_stack."""
+    """The module a graph node of torch.export belongs to ('blocks.0.mixer.fwd.x_proj'), from nn_module_stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -220,7 +220,7 @@ class Runner:
                 self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
                 self.interpreter.allocate_tensors()
         except Exception as e:
-            raise EdgepkdError(f"{path}: the TFLite interpreter cannot load it: {str(e).splitlines()[0]}") from None
+            raise EdgepkdError(f"{path}: the TFLite interpreter cannot load it: {first_line(e)}") from None
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.version = getattr(ai_edge_litert, "__version__", "unknown")

@@ -14,7 +14,7 @@ import torch
 
 from edgepkd.compress._native import quiet_native
 from edgepkd.compress.targets import ExportTarget
-from edgepkd.errors import EdgepkdError
+from edgepkd.errors import EdgepkdError, first_line
 
 
 def _torchao_config(name: str):
@@ -59,7 +59,7 @@ class Runner:
         try:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:
-            raise EdgepkdError(f"{path}: torch.export.load cannot load it: {str(e).splitlines()[0]}") from None
+            raise EdgepkdError(f"{path}: torch.export.load cannot load it: {first_line(e)}") from None
         # ``threads`` is not applied: torch's thread count is process-wide, and this runner shares the process
         self.version = torch.__version__
 

@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn as nn
 
-from edgepkd.errors import ConfigError, EdgepkdError
+from edgepkd.errors import ConfigError, EdgepkdError, first_line
 
 T = TypeVar("T")
 TIMEOUT_ENV = "EDGEPKD_DIST_TIMEOUT_S"
@@ -153,15 +153,14 @@ class DistContext:
             err = type(e)(f"{who}: {e}")
             err.exit_code = e.exit_code
             return err
-        text = (str(e).strip().splitlines() or [""])[0][:300]
-        low = text.lower()
+        low = first_line(e).lower()
         # a collective that failed (nccl: DistBackendError; gloo: RuntimeError from gloo/...): the cause is elsewhere
         if isinstance(e, torch.distributed.DistError) or "gloo" in low or "nccl" in low:
             if "timed out" in low or "timeout" in low:
                 return EdgepkdError(f"{who}: no answer from the other ranks within {timeout_s():.0f} s "
                                     f"({TIMEOUT_ENV}); one of them hangs or died; {RESUME_HINT}")
             return EdgepkdError(f"{who} stopped: another rank failed (see its message); {RESUME_HINT}")
-        return EdgepkdError(f"{who} failed: {type(e).__name__}: {text}; {RESUME_HINT}")
+        return EdgepkdError(f"{who} failed: {first_line(e, with_type=True)}; {RESUME_HINT}")
 
 
 def timeout_s() -> float:
@@ -221,18 +220,18 @@ def shutdown(dist: DistContext) -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_rank(fn: Callable[[DistContext], int], device: torch.device) -> int:
+def run_rank(fn: Callable[[DistContext], T], device: torch.device) -> T:
     """Run ``fn`` as this process's part of the run (joining torchrun's group when started by it). Under DDP
     an error ends this rank with one line naming it (torchrun's agent then stops the others)."""
     dist = init_from_env(device)
     try:
-        code = fn(dist)
+        result = fn(dist)
     except BaseException as e:
         if not dist.distributed:
             raise
         raise dist.explain(e) from None  # the group is left as is: the process exits next
     shutdown(dist)
-    return code
+    return result
 
 
 def check_batch_sizes(recipe, world_size: int) -> None:

@@ -24,10 +24,10 @@ from edgepkd.config import to_dict
 from edgepkd.data import Dataset
 from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, eval_mode, fit,
                                      init_seeded, predict, predict_sharded, stage_seed)
-from edgepkd.errors import ConfigError
-from edgepkd.measure.flops import FlopReport, count_flops
-from edgepkd.models import build_student, build_teacher, set_scan_backend
+from edgepkd.errors import ConfigError, first_line
+from edgepkd.models import STUDENT_ARCH, build_model, build_teacher, set_scan_backend
 from edgepkd.models.ensemble import Corrective, combine
+from edgepkd.models.flops import FlopReport, count_flops
 from edgepkd.recipe import Recipe
 from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
 
@@ -36,7 +36,7 @@ from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
 class Member:
     stage: str                   # "teacher", "chain/s1", "ensemble/e2", ...
     role: str                    # teacher | chain | ensemble
-    arch: str                    # teacher registry name, or "mamba"
+    arch: str                    # a registered model: a teacher's name, or STUDENT_ARCH
     spec: dict                   # builder arguments
     model: nn.Module
     flops: FlopReport
@@ -55,7 +55,7 @@ def plan_students(recipe: Recipe, input_shape: tuple[int, int, int], num_classes
     c, h, _ = input_shape
 
     def measure(spec: dict) -> FlopReport:
-        return count_flops(build_student(spec, num_classes, c, h), input_shape)
+        return count_flops(build_model(STUDENT_ARCH, spec, num_classes, c, h), input_shape)
 
     if recipe.students.sizes is not None:
         specs = [to_dict(s) for s in recipe.students.sizes]
@@ -213,10 +213,8 @@ class Distiller:
     def _build(self, arch: str, spec: dict, seed_stage: str) -> nn.Module:
         c, h, _ = self.data.input_shape
         k = self.data.num_classes
-        builder = build_student if arch == "mamba" else lambda *a: build_teacher(arch, *a)
-        model = init_seeded(lambda: builder(spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
-        if arch == "mamba":
-            set_scan_backend(model, self.recipe.scan_backend)
+        model = init_seeded(lambda: build_model(arch, spec, k, c, h), stage_seed(self.recipe.seed, seed_stage))
+        set_scan_backend(model, self.recipe.scan_backend)   # its SSM branches (a teacher has none)
         return model.to(self.dist.device)
 
     def _stage(self, stage: str, role: str, arch: str, spec: dict, targets: StageTargets | None,
@@ -249,7 +247,7 @@ class Distiller:
             model.load_state_dict({k: v.to(self.dist.device) for k, v in state.items()})
         except RuntimeError as e:
             raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not fit teacher '{t.arch}' "
-                              f"{t.args}: {str(e).splitlines()[0]}") from None
+                              f"{t.args}: {first_line(e)}") from None
         model.eval()
         return Member("teacher", "teacher", t.arch, dict(t.args), model,
                       count_flops(model, self.data.input_shape), {"loaded_from": t.checkpoint, "train_time_s": 0.0})
@@ -270,7 +268,7 @@ class Distiller:
         if "chain" in d.strategies:
             src = teacher_src
             for i, spec in enumerate(specs):
-                m = self._stage(f"chain/s{i + 1}", "chain", "mamba", spec,
+                m = self._stage(f"chain/s{i + 1}", "chain", STUDENT_ARCH, spec,
                                 StageTargets(soft=src, temperature=d.temperature, alpha=d.alpha), train[i])
                 members.append(m)
                 if d.chain_source == "previous" and i + 1 < len(specs):
@@ -296,7 +294,7 @@ class Distiller:
         out = []
         for k, (spec, train_cfg) in enumerate(order):
             base = prefix.scaled(d.ensemble_shrinkage) if prefix is not None else None
-            m = self._stage(f"ensemble/e{k + 1}", "ensemble", "mamba", spec,
+            m = self._stage(f"ensemble/e{k + 1}", "ensemble", STUDENT_ARCH, spec,
                             StageTargets(soft=teacher_src, base=base, temperature=d.temperature,
                                          alpha=d.alpha, hard_weight=d.ensemble_hard_weight), train_cfg)
             out.append(m)
@@ -314,7 +312,7 @@ class Distiller:
         stage = "ensemble/corrective"
         models = []
         for m in trained:                       # fresh copies: the trained members stay as they are
-            copy = self._build("mamba", m.spec, m.stage)
+            copy = self._build(STUDENT_ARCH, m.spec, m.stage)
             copy.load_state_dict(m.model.state_dict())
             models.append(copy)
         net = Corrective(models, d.ensemble_shrinkage).to(self.dist.device)
@@ -334,7 +332,7 @@ class Distiller:
         out = []
         for m, model, name in zip(trained, models, names):
             model.eval()
-            out.append(Member(name, "ensemble", "mamba", m.spec, model, m.flops,
+            out.append(Member(name, "ensemble", STUDENT_ARCH, m.spec, model, m.flops,
                               {"corrected_from": m.stage, "train_time_s": m.info.get("train_time_s"),
                                "val_acc": None, "corrective": {k: info.get(k) for k in
                                                                ("train_time_s", "best_epoch", "val_acc")}}))

@@ -37,7 +37,8 @@ from pathlib import Path
 import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.errors import ConfigError, EdgepkdError, RunError
-from edgepkd.measure.devices import MIB, RUNTIME_FORMAT, DeviceProfile
+from edgepkd.compress.formats import FORMATS
+from edgepkd.measure.devices import MIB, DeviceProfile
 from edgepkd.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -108,7 +109,7 @@ def _run_of(folder: Path) -> Path | None:
 def _check_format(a: Artifact, profile: DeviceProfile) -> None:
     fmt = a.entry.get("format") or a.path.suffix.lstrip(".")
     if fmt != profile.format:
-        runtime = next((r for r, f in RUNTIME_FORMAT.items() if f == fmt), fmt)
+        runtime = FORMATS.get(fmt).runtime if fmt in FORMATS else fmt
         raise ConfigError(f"{a.path}: a {a.path.suffix} artifact, but device '{profile.name}' runs "
                           f"{profile.runtime} ({_suffix(profile.format)} files); bench the run's "
                           f"{_suffix(profile.format)} exports instead (e.g. export/{profile.format}-fp32/), or pick "
@@ -116,7 +117,7 @@ def _check_format(a: Artifact, profile: DeviceProfile) -> None:
 
 
 def _suffix(fmt: str) -> str:
-    return {"executorch": ".pte"}.get(fmt, f".{fmt}")
+    return FORMATS.get(fmt).suffix
 
 
 def _from_folder(folder: Path, profile: DeviceProfile, explicit: bool) -> list[Artifact]:

@@ -19,11 +19,10 @@ from typing import Literal
 
 from edgepkd.builtins import builtin_dir
 from edgepkd.config import check, load_named, load_named_dirs
-from edgepkd.registry import Registry
+from edgepkd.compress.formats import runtime_format, runtimes
+from edgepkd.registry import Registry, closest
 
 BUILTIN_DIR = builtin_dir("devices")
-RUNTIME_FORMAT = {"tflite": "tflite", "onnxruntime": "onnx", "executorch": "executorch"}  # device runtime ->
-                                                                                          # export format it runs
 SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>[^@/:\s\[\]]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d+))?/?$")
 MIB = 1024 * 1024
 
@@ -64,7 +63,7 @@ class Calibration:
 @dataclass
 class DeviceProfile:
     name: str
-    runtime: Literal["tflite", "onnxruntime", "executorch"]
+    runtime: str                          # a runtime some export format runs in (compress/formats.py)
     budget: Budget
     description: str = ""
     cpu: str = ""
@@ -79,6 +78,8 @@ class DeviceProfile:
                                                               # target of the runtime's format and precisions)
 
     def __post_init__(self):
+        check(self.runtime in runtimes(), "runtime", f"{self.runtime!r} is not allowed"
+              f"{closest(self.runtime, runtimes())} (allowed: {', '.join(runtimes())})")
         check(self.threads >= 1, "threads", "must be at least 1")
         check(bool(self.precisions), "precisions", "must name at least one of fp32, int8")
         check(self.connect in ("local", "none") or SSH_URL.match(self.connect) is not None, "connect",
@@ -92,7 +93,7 @@ class DeviceProfile:
 
     @property
     def format(self) -> str:
-        return RUNTIME_FORMAT[self.runtime]
+        return runtime_format(self.runtime)
 
     @property
     def estimated(self) -> bool:

@@ -72,7 +72,7 @@ class LatencyTable:
 
     def _measure(self, specs: list[dict]) -> list[dict]:
         from edgepkd.measure.bench import DeviceError, bench
-        from edgepkd.measure.flops import count_flops
+        from edgepkd.models.flops import count_flops
 
         if self.profile.estimated:   # FLOPs / 2 over the calibrated MAC/s, as edgepkd bench estimates: no export
             out = []
@@ -95,25 +95,22 @@ class LatencyTable:
     def _build(self, spec: dict):
         import torch
 
-        from edgepkd.models import build_student
+        from edgepkd.models import STUDENT_ARCH, build_model
 
         torch.manual_seed(0)
         c, h, _ = self.input_shape
-        return build_student(spec, self.num_classes, c, h).eval()
+        return build_model(STUDENT_ARCH, spec, self.num_classes, c, h).eval()
 
     def _export(self, specs: list[dict], folder: Path) -> list:
-        import importlib
-
         import torch
 
-        from edgepkd.compress.export import EXPORTERS, sha256
+        from edgepkd.compress.export import sha256
         from edgepkd.compress.targets import load_targets
         from edgepkd.measure.bench import Artifact
         from edgepkd.models import export_mode
-        from edgepkd.measure.flops import count_flops
+        from edgepkd.models.flops import count_flops
 
         target = load_targets().get(FP32_TARGET[self.profile.format])
-        exporter = importlib.import_module(EXPORTERS[target.format])
         example = torch.randn(1, *self.input_shape)
         entries, arts = [], []
         for i, spec in enumerate(specs):
@@ -123,7 +120,7 @@ class LatencyTable:
             meta = {"model": f"candidate-{i}", "target": target.name, "precision": "fp32",
                     "classes": [str(k) for k in range(self.num_classes)], "spec": spec}
             with export_mode(net, scan=target.scan):
-                exporter.export(net, example, path, target, lambda: iter(()), meta)
+                target.export_format.export(net, example, path, target, lambda: iter(()), meta)
             entry = {"file": path.name, "model": meta["model"], "format": target.format, "precision": "fp32",
                      "target": target.name, "bytes": path.stat().st_size, "sha256": sha256(path),
                      "macs": f.macs, "flops": f.flops, "input": {"shape": [1, *self.input_shape]}}

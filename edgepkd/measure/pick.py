@@ -22,13 +22,19 @@ from pathlib import Path
 
 from edgepkd.errors import EdgepkdError, RunError
 from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench, check_artifact, \
-    format_table, now, ram_bytes, resolve
+    format_table, now, plot_path, ram_bytes, resolve
 from edgepkd.measure.devices import MIB, DeviceProfile
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
 
 class NothingFits(EdgepkdError):
+    """No candidate meets every budget; ``selection`` holds the candidates and why each lost."""
+
     exit_code = 1
+
+    def __init__(self, message: str, selection: "Selection | None" = None):
+        super().__init__(message)
+        self.selection = selection
 
 
 @dataclass
@@ -104,6 +110,8 @@ class Selection:
     candidates: list[Candidate] = field(default_factory=list)
     choice: Candidate | None = None
     explanation: str = ""
+    path: Path | None = None            # RUN/selection.json once ``record`` wrote it
+    plot: Path | None = None            # RUN/bench/DEVICE.png (accuracy vs p50), when bench drew it
 
     def as_dict(self) -> dict:
         p = self.profile
@@ -275,6 +283,16 @@ def write_selection(run: Path, sel: Selection) -> Path:
     return path
 
 
+def record(sel: Selection, run: Path) -> Selection:
+    """The end of ``pick`` and ``distill --device``: the choice written to RUN/selection.json (``sel.path``, and
+    ``sel.plot`` when bench drew one), or NothingFits with the reason (selection.json left as it was)."""
+    if sel.choice is None:
+        raise NothingFits(sel.explanation, sel)
+    plot = plot_path(run, sel.profile)
+    sel.path, sel.plot = write_selection(run, sel), plot if plot.is_file() else None
+    return sel
+
+
 def render(sel: Selection) -> str:
     p = sel.profile
     mode = "ESTIMATED" if p.estimated else f"measured, {p.threads} thread(s)"
@@ -294,17 +312,3 @@ def render(sel: Selection) -> str:
                          right={3, 4, 5, 6})
     return f"{head}\n{table}"
 
-
-def deploy(run_path: str, profile: DeviceProfile, *, data_dir: str | None = None, log=print,
-           options: BenchOptions | None = None) -> Selection:
-    """``edgepkd distill RECIPE --device NAME``: export the device's targets (a model failing verification is
-    skipped), bench every candidate on the device, pick."""
-    from edgepkd.compress.export import export_targets
-    from edgepkd.compress.targets import load_targets
-
-    targets = load_targets()
-    chosen = ([targets.get(n) for n in profile.export_targets] if profile.export_targets else
-              [t for _, t in targets.items() if t.format == profile.format and t.precision in profile.precisions])
-    log(f"device '{profile.name}': exporting for {', '.join(t.name for t in chosen)}")
-    export_targets(run_path, chosen, data_dir=data_dir, log=log, keep_going=True)
-    return pick(run_path, profile, options=options or BenchOptions(data_dir=data_dir), log=log)

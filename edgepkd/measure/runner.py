@@ -219,6 +219,13 @@ def _quiet_stderr(captured: list | None = None):
                 captured.append(sink.read().decode("utf-8", "replace") + python_level.getvalue())
 
 
+def _detail(e: BaseException) -> str:
+    """``e``'s message on one line (whitespace runs collapsed: runtimes put the reason on later lines), or its
+    type's name. This file needs only numpy and a runtime, so it keeps its own copy of edgepkd.errors.first_line's
+    job."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _native_reason(text: str) -> str:
     """The last line an ExecuTorch runtime logged as an error ('E ... program.cpp:114] File size is too small...',
     or '[program.cpp:114] ...'), without its prefix; '' when none."""
@@ -279,7 +286,7 @@ class TFLiteModel:
                 self.interpreter = interpreter(model_path=path, num_threads=threads)
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            detail = " ".join(str(e).split()) or type(e).__name__
+            detail = _detail(e)
             hint = (": the model uses an op version newer than this runtime knows (install ai-edge-litert, or "
                     "bench an export target this runtime supports)" if "version" in detail and "builtin" in detail
                     else "")
@@ -331,7 +338,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
-            detail = " ".join(str(e).split()) or type(e).__name__
+            detail = _detail(e)
             raise RunnerError(f"{os.path.basename(path)}: onnxruntime {self.version} cannot load it "
                               f"({detail[:300]})") from None
         self.inp = self.session.get_inputs()[0]
@@ -378,7 +385,7 @@ class ExecuTorchModel:
                     self.threads = self._set_threads(threads)
                 self.forward = self.program.load_method("forward")
         except Exception as e:  # the runtimes' own types: ProgramLoadError, RuntimeError ('error: 0x:23')
-            detail = " ".join(str(e).split()) or type(e).__name__
+            detail = _detail(e)
             reason = _native_reason("".join(log))
             raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot load it "
                               f"({detail[:200]}{'; ' + reason[:200] if reason else ''})") from None
@@ -545,7 +552,7 @@ def bench(path: str, args) -> dict:
             meta = model.metadata()
         except (ValueError, UnicodeDecodeError, RuntimeError) as e:
             raise RunnerError(f"{path}: its '{PTE_METADATA_METHOD}' method does not hold edgepkd's JSON "
-                              f"({' '.join(str(e).split())[:200]})") from None
+                              f"({_detail(e)[:200]})") from None
         meta_source = "embedded" if meta else "none"
 
     io = model.io()

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from edgepkd.errors import ConfigError
+from edgepkd.errors import ConfigError, first_line
 from edgepkd.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,8 @@ def _mamba_ssm_fn() -> Callable | None:
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as e:  # ImportError, or the missing compiled extension raising at import
-        log.warning("mamba-ssm CUDA kernel unavailable (%s: %s); using the 'chunked' scan",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("mamba-ssm CUDA kernel unavailable (%s); using the 'chunked' scan",
+                    first_line(e, with_type=True))
         return None
     return selective_scan_fn
 

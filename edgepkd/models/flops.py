@@ -20,6 +20,11 @@ import torch.nn as nn
 from edgepkd.models.mamba import SSMBranch
 
 
+# the convention above in one line, as metrics.json states it
+FLOP_CONVENTION = ("FLOPs per image = 2 x MACs of conv/linear layers + selective scan 9·L·D·N (+2·L·D for the "
+                   "D skip and z gate); norms and activations not counted")
+
+
 @dataclass
 class LayerCount:
     name: str

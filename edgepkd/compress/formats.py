@@ -1,0 +1,101 @@
+"""Export formats: one registered class per format holds every fact about it. Adding a format is adding a class
+here and its exporter module (``export``, ``Runner``, ``read_metadata``); targets (``export/*.yaml``) and device
+profiles (``devices/*.yaml``) are validated against this registry.
+
+    FORMATS.get("onnx").suffix      '.onnx'
+    FORMATS.get("tflite").methods   ('none', 'pt2e', 'weights')
+    runtime_format("onnxruntime")   'onnx'
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from edgepkd.registry import Registry
+
+
+class ExportFormat:
+    """What edgepkd knows about one file format."""
+
+    name: str                       # a target's ``format``
+    suffix: str                     # the artifact's file suffix
+    needs: tuple[str, ...]          # modules the export and its verification need (all in the 'export' extra)
+    methods: tuple[str, ...]        # the ``quantization.method`` values a target of this format accepts
+    runtime: str | None             # the device runtime (a profile's ``runtime``) that runs it; None: no device
+    module: str                     # the exporter: export(), Runner (verification), read_metadata()
+
+    def missing(self) -> list[str]:
+        """The needed modules this Python lacks."""
+        return [m for m in self.needs if importlib.util.find_spec(m) is None]
+
+    def exporter(self):
+        return importlib.import_module(self.module)
+
+    def export(self, model, example, path: Path, target, calibration, metadata: dict) -> None:
+        """Write ``model`` to ``path`` for ``target`` (quantized as it says, ``metadata`` embedded)."""
+        self.exporter().export(model, example, path, target, calibration, metadata)
+
+    def runner(self, path: Path):
+        """The artifact in its runtime for verification: ``run(x) -> logits``, ``io()``, ``version``."""
+        return self.exporter().Runner(path)
+
+    def read_metadata(self, path: Path) -> dict:
+        """The metadata an artifact carries (preprocessing, labels, provenance)."""
+        return self.exporter().read_metadata(path)
+
+
+FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def _register(cls: type[ExportFormat]) -> type[ExportFormat]:
+    FORMATS.register(cls.name, cls())
+    return cls
+
+
+@_register
+class Onnx(ExportFormat):
+    name, suffix, runtime = "onnx", ".onnx", "onnxruntime"
+    needs = ("onnx", "onnxscript", "onnxruntime")
+    methods = ("none", "ort_static", "ort_dynamic", "weights")
+    module = "edgepkd.compress.onnx_export"
+
+
+@_register
+class TFLite(ExportFormat):
+    name, suffix, runtime = "tflite", ".tflite", "tflite"
+    needs = ("litert_torch", "ai_edge_litert")
+    methods = ("none", "pt2e", "weights")
+    module = "edgepkd.compress.tflite_export"
+
+
+@_register
+class Torch(ExportFormat):
+    name, suffix, runtime = "torch", ".pt2", None     # torch.export programs: for PyTorch hosts, not benched
+    needs = ("torchao",)
+    methods = ("none", "torchao")
+    module = "edgepkd.compress.torch_export"
+
+
+@_register
+class ExecuTorch(ExportFormat):
+    name, suffix, runtime = "executorch", ".pte", "executorch"
+    needs = ("executorch", "torchao")
+    methods = ("none", "pt2e")
+    module = "edgepkd.compress.executorch_export"
+
+
+def runtimes() -> list[str]:
+    """Every device runtime some format runs in."""
+    return sorted({f.runtime for _, f in FORMATS.items() if f.runtime})
+
+
+def runtime_format(runtime: str) -> str:
+    """The format a device runtime runs ('onnxruntime' -> 'onnx')."""
+    return next(name for name, f in FORMATS.items() if f.runtime == runtime)
+
+
+def quant_methods() -> list[str]:
+    """Every quantization method some format accepts."""
+    return sorted({m for _, f in FORMATS.items() for m in f.methods})
