@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("run")
     ap.add_argument("--target", default="tflite-fp32")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--targets-dir", default=None, help="more export targets (YAML), as edgepkd export takes")
     ap.add_argument("--repeats", type=int, default=3, help="passes over the test split (median per step)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N test images")
     args = ap.parse_args(argv)
@@ -46,11 +47,16 @@ def main(argv=None) -> int:
     if (folder / "manifest.json").is_file():
         have = {e["model"] for e in json.loads((folder / "manifest.json").read_text())["artifacts"]}
     want = [r["name"] for r in metrics["models"] if r["role"] == "chain"] + metrics["ensemble_prefixes"][-1]["members"]
-    if set(want) - have:
-        extra = ["--data-dir", args.data_dir] if args.data_dir else []
-        if cli(["export", str(run), "--target", args.target, "--model", "ensemble-members", *extra,
-                *[a for r in metrics["models"] if r["role"] == "chain" for a in ("--model", r["name"])]]):
-            return 1
+    missing = [m for m in want if m not in have]
+    if missing:
+        # --keep-going: a chain student that fails verification is left out of the comparison (and named);
+        # the members must all pass
+        extra = (["--data-dir", args.data_dir] if args.data_dir else []) + (
+            ["--targets-dir", args.targets_dir] if args.targets_dir else [])
+        members = set(metrics["ensemble_prefixes"][-1]["members"])
+        names = [m for m in missing if m not in members] + (["ensemble-members"] if members & set(missing) else [])
+        cli(["export", str(run), "--target", args.target, "--keep-going", *extra,
+             *[a for m in names for a in ("--model", m)]])
     res = ee.measure(str(run), args.target, repeats=args.repeats, limit=args.limit, data_dir=args.data_dir)
     text = ee.render(res)
     print(text)
