@@ -70,7 +70,8 @@ def main(argv=None) -> int:
           + ("**met**" if goal else "**not met**")
           + ("" if at is None else f" ({at['mean_ratio']:.2f}x at θ = {at['theta']:g})") + ".", ""]
     stem = f"early-exit-{run.name}"
-    atomic_write_json(RESULTS / f"{stem}.json", {**res, "command": cmd, "goal_met": goal})
+    # a run directory's own path is this machine's: the results keep runs/<name>, as the command is documented
+    atomic_write_json(RESULTS / f"{stem}.json", {**res, "run": f"runs/{run.name}", "command": cmd, "goal_met": goal})
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(md))
     print(f"results: benchmarks/results/{stem}.md")
     return 0
