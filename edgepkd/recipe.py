@@ -116,11 +116,16 @@ class StudentSpec:
     stem: Literal["patch", "conv"] = "patch"  # patch: one linear map per patch (ViT); conv: a 3x3 conv-BN-ReLU
                                               # (stride 2 for an even patch_size, else 1) then the rest of the
                                               # patch as a patch conv (a hybrid, cheap local features)
+    heads: int | None = None          # None: Mamba-1 (a step size and d_state decays per channel); H: Mamba-2's
+                                      # scalar SSM, H groups of channels sharing one step size and one decay,
+                                      # exported as the 'ssd' scan (batched matmuls, no per-position ops)
 
     def __post_init__(self):
         for name in ("d_model", "depth", "d_state", "expand", "d_conv", "patch_size"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be at least 1 or null")
+        check(self.heads is None or (self.heads >= 1 and (self.expand * self.d_model) % self.heads == 0), "heads",
+              f"must be null or divide expand x d_model = {self.expand * self.d_model}")
 
 
 @dataclass

@@ -68,9 +68,11 @@ class ExportTarget:
     description: str = ""
     quantization: QuantConfig = field(default_factory=QuantConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    scan: Literal["unrolled", "torch", "closed"] = "unrolled"  # exportable scan: the step loop in a position-major
-                                           # layout (fastest in ORT/TFLite at image-sized L), the reference's own
-                                           # layout, or the closed form (fewer ops, L times the work)
+    scan: Literal["auto", "unrolled", "ssd", "torch", "closed"] = "auto"  # exportable scan. auto: 'ssd' for
+                                           # headed students (batched matmuls), else 'unrolled' (the step loop in
+                                           # a position-major layout, fastest in ORT/TFLite at image-sized L);
+                                           # 'torch': the reference's own layout; 'closed': fewer ops, L times
+                                           # the work
     opset: int = 18                        # onnx
 
     def __post_init__(self):

@@ -96,7 +96,8 @@ def _progression(recipe: Recipe, input_shape, num_classes, measure, latency: Lat
     d_states = sorted({max(1, start["d_state"] // 2 ** k) for k in range(3)})
     candidates = [{**start, "d_model": d, "depth": depth, "d_state": n, "patch_size": p, "dt_rank": None}
                   for d in d_models for depth in range(1, start["depth"] + 1) for n in d_states
-                  for p in dict.fromkeys(patches)]
+                  for p in dict.fromkeys(patches)
+                  if start.get("heads") is None or (start["expand"] * d) % start["heads"] == 0]  # heads divide d_inner
     scored = [(spec, measure(spec)) for spec in candidates]
     planned = [(start, measure(start))]
     lat = latency([start])[0] if prog.by == "latency" else None

@@ -21,21 +21,33 @@ from edgepkd.models.scan import get_scan, resolve_backend
 
 
 class SSMBranch(nn.Module):
-    """Conv + selective scan over one direction of the sequence. Its scan FLOPs are reported by ``scan_flops``."""
+    """Conv + selective scan over one direction of the sequence. Its scan FLOPs are reported by ``scan_flops``.
+
+    ``heads`` None: Mamba-1's S6, a step size per channel and N decays per channel (A: (d_inner, N)). ``heads`` H:
+    Mamba-2's scalar SSM, the channels in H groups that share one step size and one decay (dt_proj: H outputs,
+    A: (H, 1)); its export form, the 'ssd' scan, is a few batched matmuls instead of one step per position."""
 
     def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1):
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, heads: int | None = None):
         super().__init__()
-        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        if heads is not None and (heads < 1 or d_inner % heads):
+            raise ValueError(f"heads {heads} does not divide d_inner {d_inner} (expand x d_model)")
+        self.d_inner, self.d_state, self.dt_rank, self.heads = d_inner, d_state, dt_rank, heads
+        n_dt = heads or d_inner
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)  # causal: left padding in forward
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        # Mamba's initialisation: dt = softplus(bias) log-uniform in [dt_min, dt_max], A = -(1..N) per channel.
+        self.dt_proj = nn.Linear(dt_rank, n_dt, bias=True)
+        # Mamba's initialisation: dt = softplus(bias) log-uniform in [dt_min, dt_max], A = -(1..N) per channel;
+        # with heads, Mamba-2's: A = -a per head, a uniform in [1, 16].
         nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.exp(torch.rand(n_dt) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        if heads is None:
+            A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)  # (D, N)
+        else:
+            A_log = torch.log(torch.empty(heads, 1).uniform_(1, 16))                                 # (H, 1)
+        self.A_log = nn.Parameter(A_log)
         self.D = nn.Parameter(torch.ones(d_inner))
         self.scan_backend = "auto"
 
@@ -44,25 +56,33 @@ class SSMBranch(nn.Module):
         x = F.silu(self.conv1d(x))                                          # (B, d_inner, L) causal
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (B, L, R), (B, L, N), (B, L, N)
-        dt = self.dt_proj(dt).transpose(1, 2)                               # (B, d_inner, L)
-        A = -torch.exp(self.A_log.float())                                  # (d_inner, N)
+        dt = self.dt_proj(dt).transpose(1, 2)                               # (B, H, L); H = d_inner or heads
+        A = -torch.exp(self.A_log.float())                                  # (d_inner, N) or (heads, 1)
         scan = get_scan(resolve_backend(self.scan_backend, x.device))
         return scan(x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
                     self.D.float(), z=z, delta_softplus=True)               # (B, d_inner, L)
 
     def scan_flops(self, length: int) -> int:
-        """Selective-scan FLOPs per sample: 9·L·D·N (VMamba's ``flops_selective_scan_ref`` convention,
-        derived from the Mamba reference) + L·D for the D skip + L·D for the z gate."""
-        return 9 * length * self.d_inner * self.d_state + 2 * length * self.d_inner
+        """Selective-scan FLOPs per sample, of the form a device runs, + L·D for the D skip + L·D for the z gate.
+        Mamba-1: 9·L·D·N (VMamba's ``flops_selective_scan_ref`` convention, derived from the Mamba reference).
+        Heads (the 'ssd' form): 2·L²·N for G = C^T B; 6·H·L² for the decay matrix (the cumsum as a matmul 2,
+        the difference, the mask, exp and the product with G 1 each); 2·D·L² for the product with dt·u and
+        L·D for dt·u."""
+        skip_gate = 2 * length * self.d_inner
+        if self.heads is None:
+            return 9 * length * self.d_inner * self.d_state + skip_gate
+        sq = length * length
+        return 2 * sq * self.d_state + 6 * self.heads * sq + 2 * self.d_inner * sq + length * self.d_inner + skip_gate
 
 
 class MambaMixer(nn.Module):
-    def __init__(self, d_model: int, d_state: int, expand: int, d_conv: int, dt_rank: int, bidirectional: bool):
+    def __init__(self, d_model: int, d_state: int, expand: int, d_conv: int, dt_rank: int, bidirectional: bool,
+                 heads: int | None = None):
         super().__init__()
         d_inner = expand * d_model
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.fwd = SSMBranch(d_inner, d_state, d_conv, dt_rank)
-        self.bwd = SSMBranch(d_inner, d_state, d_conv, dt_rank) if bidirectional else None
+        self.fwd = SSMBranch(d_inner, d_state, d_conv, dt_rank, heads=heads)
+        self.bwd = SSMBranch(d_inner, d_state, d_conv, dt_rank, heads=heads) if bidirectional else None
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                     # x: (B, L, d_model)
@@ -91,7 +111,8 @@ class MambaStudent(nn.Module):
 
     def __init__(self, num_classes: int, in_chans: int, image_size: int, d_model: int, depth: int = 1,
                  d_state: int = 8, expand: int = 2, d_conv: int = 4, patch_size: int = 2,
-                 bidirectional: bool = False, dt_rank: int | None = None, stem: str = "patch"):
+                 bidirectional: bool = False, dt_rank: int | None = None, stem: str = "patch",
+                 heads: int | None = None):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
@@ -99,6 +120,8 @@ class MambaStudent(nn.Module):
             raise ValueError(f"stem '{stem}' is not one of {', '.join(STEMS)}")
         self.spec = dict(d_model=d_model, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
                          patch_size=patch_size, bidirectional=bidirectional, dt_rank=dt_rank, stem=stem)
+        if heads is not None:  # only when set: Mamba-1 students keep the spec (and checkpoints) they had
+            self.spec["heads"] = heads
         self.num_classes, self.num_features = num_classes, d_model
         self.seq_len = (image_size // patch_size) ** 2
         dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -113,7 +136,7 @@ class MambaStudent(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, self.seq_len, d_model) * 0.02)
         self.blocks = nn.ModuleList(
             MambaBlock(d_model, d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank,
-                       bidirectional=bidirectional) for _ in range(depth))
+                       bidirectional=bidirectional, heads=heads) for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
@@ -139,20 +162,28 @@ def set_scan_backend(model: nn.Module, name: str) -> None:
             m.scan_backend = name
 
 
-EXPORTABLE_SCANS = ("unrolled", "torch", "closed")
+EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "torch", "closed")
+
+
+def export_scan(branch: SSMBranch, scan: str = "auto") -> str:
+    """The scan a branch exports with: 'auto' is 'ssd' for headed branches (one decay per head: batched
+    matmuls), else 'unrolled' (the step loop, laid out for device runtimes)."""
+    if scan != "auto":
+        return scan
+    return "ssd" if branch.heads is not None else "unrolled"
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module, scan: str = "unrolled"):
-    """Use an exportable pure-PyTorch scan ('unrolled', the device-friendly form of the step loop; the reference
-    'torch'; or 'closed') in every branch,
-    restoring each branch's backend afterwards."""
+def export_mode(model: nn.Module, scan: str = "auto"):
+    """Use an exportable pure-PyTorch scan in every branch ('auto': each branch's device form, see
+    ``export_scan``; or 'unrolled', 'ssd', the reference 'torch', 'closed'), restoring each branch's backend
+    afterwards."""
     if scan not in EXPORTABLE_SCANS:
         raise ValueError(f"scan '{scan}' is not exportable (exportable: {', '.join(EXPORTABLE_SCANS)})")
     branches = [m for m in model.modules() if isinstance(m, SSMBranch)]
     saved = [m.scan_backend for m in branches]
     for m in branches:
-        m.scan_backend = scan
+        m.scan_backend = export_scan(m, scan)
     try:
         yield model
     finally:

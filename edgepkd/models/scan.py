@@ -6,9 +6,14 @@
 Signature (that of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``, real-valued,
 ungrouped B/C):
 
-    u: r(B D L)   delta: r(B D L)   A: r(D N)   B: r(B N L)   C: r(B N L)
-    D: r(D) | None   z: r(B D L) | None   delta_bias: r(D) | None
+    u: r(B D L)   delta: r(B H L)   A: r(H N) | r(H 1)   B: r(B N L)   C: r(B N L)
+    D: r(D) | None   z: r(B D L) | None   delta_bias: r(H) | None
     returns out: r(B D L)  [, last_state: r(B D N)]
+
+H is D (Mamba-1: a step size and N decays per channel) or divides D (heads, as in Mamba-2: channel d belongs to
+head d // (D/H) and shares its step size and decays); A with one column is one decay for all N states of a head
+(Mamba-2's scalar A). Every backend accepts both: ``_per_channel`` repeats heads to channels where a backend
+needs per-channel inputs; 'ssd' uses the head structure.
 
 Every backend computes in fp32 and casts back, like mamba's ``selective_scan_ref``.
 Backends (`edgepkd list scan-backends`):
@@ -17,6 +22,9 @@ Backends (`edgepkd list scan-backends`):
                (L, B, D, N) tensors, so each step's slice is one contiguous block; softplus written with ops
                every runtime delegates (no SELECT). Exportable, for inference.
     closed     pure PyTorch closed form with an (L, L) decay matrix: no loop, few ops; exportable, for inference.
+    ssd        the quadratic (attention-like) form of Mamba-2's SSD: with one decay per head (A: r(H 1)) the
+               whole scan is a handful of batched matmuls over (B, H, L, L), no loop, few ops; the export form
+               of headed students. With per-state decays it is the closed form. Exportable; small L.
     chunked    pure PyTorch two-level scan (~2·sqrt(L) sequential steps) with a hand-written backward.
     cpp        the O(B·D·L·N) core in a small C++ kernel (csrc/), compiled on first use; falls back to 'chunked'.
                ``auto`` picks it on CPU.
@@ -44,6 +52,22 @@ log = logging.getLogger(__name__)
 SCAN_BACKENDS: Registry[Callable] = Registry("scan backend")
 
 
+def _per_channel(u, delta, A, B, delta_bias):
+    """Heads repeated to channels, for backends that compute per channel: delta (B, D, L), A (D, N),
+    delta_bias (D,). A no-op for Mamba-1 inputs (H = D, A with N columns)."""
+    dim, heads, n = u.shape[1], delta.shape[1], B.shape[1]
+    if heads != dim:
+        if dim % heads:
+            raise ValueError(f"delta has {heads} heads, which do not divide the {dim} channels of u")
+        p = dim // heads
+        delta = delta.repeat_interleave(p, dim=1)                         # (B, D, L)
+        A = A.repeat_interleave(p, dim=0)                                 # (D, N) or (D, 1)
+        delta_bias = None if delta_bias is None else delta_bias.repeat_interleave(p)  # (D,)
+    if A.shape[1] != n:
+        A = A.expand(A.shape[0], n)                                       # (D, N): one decay for every state
+    return delta, A, delta_bias
+
+
 def _step_size(delta, delta_bias, delta_softplus) -> torch.Tensor:
     """fp32 step size dt = softplus?(delta + delta_bias): (B, D, L)."""
     delta = delta.float()
@@ -69,6 +93,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     Also the export form: unrolled at a fixed L it is one SPLIT of the decays and of the inputs, two elementwise
     ops per position (none for the first: the state starts at zero), one CONCAT of the states and one
     contraction with C (about 2·L + 10 ops per branch)."""
+    delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
     dt = _step_size(delta, delta_bias, delta_softplus)                  # (B, D, L)
     dA = torch.exp(dt.unsqueeze(-1) * A.float()[:, None, :])            # (B, D, L, N)
     dBu = (dt * u.float()).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(1)  # (B, D, L, N)
@@ -110,6 +135,7 @@ def selective_scan_unrolled(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     step: two SLICEs, one MUL, one ADD; softplus without SELECT; the states join in a tree of <= 4-input
     concatenations; the contraction with C runs over the contiguous last axis. Same math as 'torch', within
     float rounding (tests check it against the reference)."""
+    delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
     delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
@@ -140,6 +166,7 @@ def selective_scan_closed(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     small L of image students (L=49, D=96, N=8: 7 MB), too much for training. exp() only sees S_t - S_s <= 0
     (the upper triangle is masked before exp), so it cannot overflow.
     """
+    delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
     dt = _step_size(delta, delta_bias, delta_softplus)                  # (B, D, L)
     length = u.shape[-1]
     S = torch.cumsum(dt.unsqueeze(-1) * A.float()[:, None, :], dim=2)   # (B, D, L, N)
@@ -151,6 +178,54 @@ def selective_scan_closed(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y = (h * C.float().transpose(1, 2).unsqueeze(1)).sum(-1)            # (B, D, L)
     out = _skip_and_gate(y, u, D, z, u.dtype)
     return (out, h[:, :, -1]) if return_last_state else out
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_constants(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper, mask), both (L, L): upper[s, t] = 1 for s <= t (x @ upper is a cumsum over L, as one matmul that
+    every delegate runs; CUMSUM is not one), mask[t, s] = -1e30 for s > t, else 0. Built once per L outside any
+    trace, so an export sees two constants instead of the ops that make them."""
+    upper = torch.ones(length, length).triu()                             # (L_s, L_t)
+    mask = torch.full((length, length), -1e30).triu(1)                    # (L_t, L_s)
+    return upper, mask
+
+
+@SCAN_BACKENDS.register("ssd")
+def selective_scan_ssd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The scan as Mamba-2's SSD quadratic form (Dao & Gu 2024, "Transformers are SSMs", sec. 6), for heads
+    with one decay each (A: (H, 1)):
+
+        y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) dt_s u_s,   S = cumsum(dt * A) over L, per head
+
+    i.e. y = (G * M) @ (dt u) per head with G = C^T B (L, L) shared by all heads and M the (H, L, L) causal decay:
+    two batched matmuls and a few elementwise ops on H·L² values, whatever L is; no per-position ops. exp()
+    sees S_t - S_s <= 0 below the diagonal and -1e30 above it (masked before exp): no overflow. Its work grows
+    as L²: meant for the short sequences of image students (L <= 64). With per-state decays (A: (H, N), N > 1)
+    M would be (H, N, L, L): that is the closed form, which this then runs."""
+    if A.shape[1] != 1:
+        return selective_scan_closed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    bsz, dim, length = u.shape
+    heads = delta.shape[1]
+    if dim % heads:
+        raise ValueError(f"delta has {heads} heads, which do not divide the {dim} channels of u")
+    p = dim // heads
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    dt = softplus_exportable(dt) if delta_softplus else dt              # (B, H, L)
+    upper, mask = (c.to(u.device) for c in _causal_constants(length))
+    S = (dt * A.float()) @ upper                                        # (B, H, L) cumsum of dt·A over L
+    M = torch.exp(S.unsqueeze(-1) - S.unsqueeze(-2) + mask)             # (B, H, L_t, L_s) causal decay
+    G = C.float().transpose(1, 2) @ B.float()                           # (B, L_t, L_s): C_t . B_s
+    v = (u.float().reshape(bsz, heads, p, length) * dt.unsqueeze(2)).transpose(2, 3)  # (B, H, L_s, P)
+    y = ((M * G.unsqueeze(1)) @ v).transpose(2, 3).reshape(bsz, dim, length)  # (B, D, L)
+    out = _skip_and_gate(y, u, D, z, u.dtype)                           # (B, D, L)
+    if not return_last_state:
+        return out
+    w = M[:, :, -1].unsqueeze(-1) * dt.unsqueeze(-1)                    # (B, H, L_s, 1): exp(S_L - S_s) dt_s
+    last = (u.float().reshape(bsz, heads, p, length) @ (w * B.float().transpose(1, 2).unsqueeze(1)))  # (B, H, P, N)
+    return out, last.reshape(bsz, dim, -1)
 
 
 class _LinearRecurrence(torch.autograd.Function):
@@ -216,6 +291,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
     Pure PyTorch, any device. Not traceable for export (in-place writes); ``export_mode`` switches to 'torch'.
     """
+    delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
     dt = _step_size(delta, delta_bias, delta_softplus).permute(2, 0, 1).unsqueeze(-1)  # (L, B, D, 1)
     length = u.shape[-1]
     log_a = dt * A.float()                                                 # (L, B, D, N)
@@ -268,6 +344,7 @@ def selective_scan_cpp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     compiler and ninja); 'chunked' serves what it does not (no kernel, GPU tensors, return_last_state).
     Keeps no states between forward and backward. Not exportable; ``export_mode`` switches to 'torch'.
     """
+    delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
     if return_last_state or u.device.type != "cpu" or _cpu_kernel() is None:
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dt = _step_size(delta, delta_bias, delta_softplus).contiguous()       # (B, D, L)
@@ -292,6 +369,7 @@ def _mamba_ssm_fn() -> Callable | None:
 def selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                              return_last_state=False):
     """mamba-ssm's fused CUDA selective scan. Needs CUDA tensors and ``pip install 'edgepkd[cuda]'``."""
+    delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
     fn = _mamba_ssm_fn()
     if fn is None:
         raise ConfigError("scan backend 'mamba_ssm' needs the mamba-ssm CUDA kernel: "
