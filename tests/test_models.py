@@ -121,3 +121,59 @@ def test_export_forms_match_the_reference_for_every_registered_student(scan, nam
         out = model(x)
     assert model.seq_len % 2 == 1
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_headed_students_export_with_the_ssd_scan_and_match_every_training_backend():
+    torch.manual_seed(0)
+    model = MambaStudent(10, 1, 8, d_model=16, depth=2, d_state=8, patch_size=2, heads=4).eval()
+    assert model.spec["heads"] == 4 and model.blocks[0].mixer.fwd.A_log.shape == (4, 1)
+    x = torch.randn(3, 1, 8, 8)
+    with export_mode(model):
+        assert {m.scan_backend for m in model.modules() if isinstance(m, SSMBranch)} == {"ssd"}
+        with torch.no_grad():
+            exported = model(x)
+    for backend in ("torch", "cpp", "chunked"):
+        set_scan_backend(model, backend)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), exported, atol=1e-5, rtol=1e-5)
+    plain = MambaStudent(10, 1, 8, d_model=16, depth=1)
+    assert "heads" not in plain.spec  # Mamba-1 students keep the spec (and checkpoints) they had
+    with export_mode(plain):
+        assert {m.scan_backend for m in plain.modules() if isinstance(m, SSMBranch)} == {"unrolled"}
+    with pytest.raises(ValueError, match="heads 3 does not divide d_inner 32"):
+        MambaStudent(10, 1, 8, d_model=16, heads=3)
+
+
+def test_heads_in_a_recipe_are_checked_with_their_key():
+    from edgepkd.recipe import load_recipe
+
+    assert load_recipe(None, ["students.sizes.0.heads=4"]).students.sizes[0].heads == 4
+    with pytest.raises(ConfigError, match=r"students\.sizes\.0\.heads.*divide expand x d_model = 64"):
+        load_recipe(None, ["students.sizes.0.heads=5"])
+
+
+def test_ssd_export_is_one_xnnpack_partition_whose_ops_do_not_grow_with_length(tmp_path):
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_litert")
+    import sys
+    from pathlib import Path
+
+    import litert_torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from device_speed import tflite_partitions
+
+    litert_torch.config.show_progress = False
+    counts = {}
+    for patch in (2, 1):  # L = 16 and 64 positions
+        for heads in (4, None):
+            torch.manual_seed(0)
+            model = MambaStudent(10, 1, 8, d_model=16, depth=1, d_state=8, patch_size=patch, heads=heads).eval()
+            path = tmp_path / f"p{patch}-h{heads}.tflite"
+            with export_mode(model), torch.no_grad():
+                litert_torch.convert(model, (torch.randn(1, 1, 8, 8),)).export(str(path))
+            counts[patch, heads] = tflite_partitions(str(path))
+    for patch in (2, 1):
+        assert counts[patch, 4]["partitions"] == 1 and not counts[patch, 4]["outside_delegate"], counts[patch, 4]
+    assert counts[1, 4]["ops"] == counts[2, 4]["ops"], counts          # ssd: the same graph at L = 16 and 64
+    assert counts[1, None]["ops"] >= counts[2, None]["ops"] + 2 * (64 - 16), counts  # the step loop: per position

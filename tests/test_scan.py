@@ -75,7 +75,7 @@ def test_the_fast_backends_include_every_exportable_form():
     from edgepkd.models.mamba import EXPORTABLE_SCANS
 
     assert {"chunked", "cpp"} <= set(FAST_BACKENDS)
-    assert set(EXPORTABLE_SCANS) - {"torch"} <= set(FAST_BACKENDS)
+    assert set(EXPORTABLE_SCANS) - {"torch", "auto"} <= set(FAST_BACKENDS)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -177,3 +177,64 @@ def test_cpp_falls_back_to_chunked_when_the_kernel_cannot_build(monkeypatch):
     monkeypatch.setattr(scan, "_cpu_kernel", lambda: None)
     torch.testing.assert_close(scan.selective_scan_cpp(**x, delta_softplus=True),
                                scan.selective_scan_chunked(**x, delta_softplus=True))
+
+
+def headed_inputs(heads, batch=2, dim=6, length=16, n=5, seed=0):
+    """Mamba-2's scalar SSM: ``heads`` step sizes and one decay per head (A: (H, 1))."""
+    x = scan_inputs(batch=batch, dim=dim, length=length, n=n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x["delta"] = torch.randn(batch, heads, length, generator=g) * 0.5
+    x["delta_bias"] = torch.randn(heads, generator=g) * 0.1
+    x["A"] = -torch.rand(heads, 1, generator=g) * 2
+    return x
+
+
+def expanded(x, dim=6):
+    """The same scan written per channel (Mamba-1's shapes): heads repeated, the decay repeated over N."""
+    p = dim // x["delta"].shape[1]
+    n = x["B"].shape[1]
+    return {**x, "delta": x["delta"].repeat_interleave(p, 1), "delta_bias": x["delta_bias"].repeat_interleave(p),
+            "A": x["A"].repeat_interleave(p, 0).expand(-1, n).contiguous()}
+
+
+@pytest.mark.parametrize("heads", [6, 3, 1])
+@pytest.mark.parametrize("length", [1, 7, 16])
+def test_every_backend_takes_heads_as_the_same_scan_per_channel(heads, length):
+    x = headed_inputs(heads, length=length, seed=length)
+    grad_out = torch.randn(2, 6, length, generator=torch.Generator().manual_seed(2))
+    ref, ref_g = run_with_grads("torch", expanded(x), grad_out)
+    for backend in FAST_BACKENDS:
+        out, g = run_with_grads(backend, x, grad_out)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for k in ("u", "B", "C", "D", "z"):  # per-channel gradients; heads' are sums of them, checked below
+            scale = ref_g[k].abs().max().clamp_min(1.0)
+            torch.testing.assert_close(g[k] / scale, ref_g[k] / scale, atol=1e-5, rtol=1e-5)
+        p = 6 // heads
+        for k, dim in (("delta", 1), ("delta_bias", 0), ("A", 0)):
+            want = ref_g[k].unflatten(dim, (heads, p)).sum(dim + 1)
+            if k == "A":
+                want = want.sum(-1, keepdim=True)
+            scale = want.abs().max().clamp_min(1.0)
+            torch.testing.assert_close(g[k] / scale, want / scale, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 2, 16, 49])
+def test_ssd_last_state_and_strong_decay(length):
+    from edgepkd.models.scan import selective_scan_ssd
+
+    x = headed_inputs(3, length=length)
+    x["A"] = x["A"] * 200.0   # exp(S_t - S_s) underflows to 0 off the diagonal: stays finite and right
+    x["delta"] = x["delta"] * 30.0
+    ref, ref_last = selective_scan_torch(**expanded(x), delta_softplus=True, return_last_state=True)
+    out, last = selective_scan_ssd(**x, delta_softplus=True, return_last_state=True)
+    assert torch.isfinite(out).all()
+    # step sizes up to ~40 make outputs of ~30: float32 sums in another order differ by ~4e-5 relative
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last, ref_last, atol=1e-4, rtol=1e-4)
+
+
+def test_heads_that_do_not_divide_the_channels_fail():
+    x = headed_inputs(4)  # 4 heads, 6 channels
+    for backend in ("torch", "ssd"):
+        with pytest.raises(ValueError, match="4 heads, which do not divide the 6 channels"):
+            SCAN_BACKENDS.get(backend)(**x, delta_softplus=True)

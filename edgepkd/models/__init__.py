@@ -24,6 +24,7 @@ _PRESETS = {
     "mamba_small": dict(d_model=32, depth=2, d_state=8),
     "mamba_base": dict(d_model=64, depth=4, d_state=16),
     "mamba_small_bi": dict(d_model=32, depth=2, d_state=8, bidirectional=True),
+    "mamba_small_heads": dict(d_model=32, depth=2, d_state=16, heads=4),  # Mamba-2's scalar SSM: the 'ssd' export
 }
 for _name, _arch in _PRESETS.items():
     STUDENTS.register(_name, functools.partial(MambaStudent, **_arch))

@@ -65,14 +65,15 @@ class SSMBranch(nn.Module):
     def scan_flops(self, length: int) -> int:
         """Selective-scan FLOPs per sample, of the form a device runs, + L·D for the D skip + L·D for the z gate.
         Mamba-1: 9·L·D·N (VMamba's ``flops_selective_scan_ref`` convention, derived from the Mamba reference).
-        Heads (the 'ssd' form): 2·L²·N for G = C^T B; 6·H·L² for the decay matrix (the cumsum as a matmul 2,
-        the difference, the mask, exp and the product with G 1 each); 2·D·L² for the product with dt·u and
-        L·D for dt·u."""
+        Heads (the 'ssd' form): 2·L²·N for G = C^T B; 2·H·L³ for the segment sums (a matmul with an (L, L²)
+        constant); 3·H·L² for the mask, exp and the product with G; 2·D·L² for the product with dt·u; L·D for
+        dt·u."""
         skip_gate = 2 * length * self.d_inner
         if self.heads is None:
             return 9 * length * self.d_inner * self.d_state + skip_gate
         sq = length * length
-        return 2 * sq * self.d_state + 6 * self.heads * sq + 2 * self.d_inner * sq + length * self.d_inner + skip_gate
+        return (2 * sq * self.d_state + 2 * self.heads * sq * length + 3 * self.heads * sq + 2 * self.d_inner * sq
+                + length * self.d_inner + skip_gate)
 
 
 class MambaMixer(nn.Module):

@@ -181,13 +181,19 @@ def selective_scan_closed(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_constants(length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper, mask), both (L, L): upper[s, t] = 1 for s <= t (x @ upper is a cumsum over L, as one matmul that
-    every delegate runs; CUMSUM is not one), mask[t, s] = -1e30 for s > t, else 0. Built once per L outside any
-    trace, so an export sees two constants instead of the ops that make them."""
-    upper = torch.ones(length, length).triu()                             # (L_s, L_t)
-    mask = torch.full((length, length), -1e30).triu(1)                    # (L_t, L_s)
-    return upper, mask
+def _causal_arrays(length: int):
+    """(segments, mask): segments (L, L·L) with segments[r, t·L + s] = 1 for s < r <= t, so that
+    (dt·A) @ segments is every segment sum S_t - S_s = sum_{s<r<=t} dt_r A_r at once, each summed from its own
+    terms (Mamba-2's ``segsum``: a difference of two cumsums would cancel catastrophically once they are large),
+    as one matmul with a constant that every delegate runs; mask (L, L) is -1e30 above the diagonal (s > t),
+    else 0. Cached as numpy arrays and made tensors where they are used (a tensor cached during a
+    torch.export trace would be a fake one), so an export sees two constants, not the ops that make them."""
+    import numpy as np
+
+    r, t, s = np.meshgrid(np.arange(length), np.arange(length), np.arange(length), indexing="ij")
+    segments = ((s < r) & (r <= t)).astype(np.float32).reshape(length, length * length)  # (L_r, L_t·L_s)
+    mask = np.triu(np.full((length, length), -1e30, dtype=np.float32), 1)             # (L_t, L_s)
+    return segments, mask
 
 
 @SCAN_BACKENDS.register("ssd")
@@ -196,11 +202,11 @@ def selective_scan_ssd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The scan as Mamba-2's SSD quadratic form (Dao & Gu 2024, "Transformers are SSMs", sec. 6), for heads
     with one decay each (A: (H, 1)):
 
-        y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) dt_s u_s,   S = cumsum(dt * A) over L, per head
+        y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) dt_s u_s,   S_t - S_s = sum_{s<r<=t} dt_r A, per head
 
     i.e. y = (G * M) @ (dt u) per head with G = C^T B (L, L) shared by all heads and M the (H, L, L) causal decay:
-    two batched matmuls and a few elementwise ops on H·L² values, whatever L is; no per-position ops. exp()
-    sees S_t - S_s <= 0 below the diagonal and -1e30 above it (masked before exp): no overflow. Its work grows
+    three matmuls and a few elementwise ops on H·L² values, whatever L is; no per-position ops. exp() sees
+    segment sums <= 0 on and below the diagonal and -1e30 above it (masked before exp): no overflow. Its work grows
     as L²: meant for the short sequences of image students (L <= 64). With per-state decays (A: (H, N), N > 1)
     M would be (H, N, L, L): that is the closed form, which this then runs."""
     if A.shape[1] != 1:
@@ -214,10 +220,12 @@ def selective_scan_ssd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_bias is not None:
         dt = dt + delta_bias.float()[:, None]
     dt = softplus_exportable(dt) if delta_softplus else dt              # (B, H, L)
-    upper, mask = (c.to(u.device) for c in _causal_constants(length))
-    S = (dt * A.float()) @ upper                                        # (B, H, L) cumsum of dt·A over L
-    M = torch.exp(S.unsqueeze(-1) - S.unsqueeze(-2) + mask)             # (B, H, L_t, L_s) causal decay
-    G = C.float().transpose(1, 2) @ B.float()                           # (B, L_t, L_s): C_t . B_s
+    segments, mask = (torch.tensor(c, device=u.device) for c in _causal_arrays(length))
+    seg = ((dt * A.float()) @ segments).unflatten(-1, (length, length))  # (B, H, L_t, L_s): S_t - S_s for s < t
+    M = torch.exp(seg + mask)                                           # (B, H, L_t, L_s) causal decay
+    # C_t . B_s as a broadcast product summed over N, not a matmul: a matmul of two activations becomes a
+    # FULLY_CONNECTED with dynamic weights in TFLite, which XNNPACK leaves out (a partition split per block)
+    G = (C.float().transpose(1, 2).unsqueeze(2) * B.float().transpose(1, 2).unsqueeze(1)).sum(-1)  # (B, L_t, L_s)
     v = (u.float().reshape(bsz, heads, p, length) * dt.unsqueeze(2)).transpose(2, 3)  # (B, H, L_s, P)
     y = ((M * G.unsqueeze(1)) @ v).transpose(2, 3).reshape(bsz, dim, length)  # (B, D, L)
     out = _skip_and_gate(y, u, D, z, u.dtype)                           # (B, D, L)
