@@ -142,7 +142,7 @@ def render(dataset: str, res: dict, stem: str) -> str:
         lines.append(f"| {p['model']} | {p['pct_teacher_flops']:.0f} | {p['acc']:.0f}"
                      + (f" ({p['note']})" if p.get("note") else "") + " |")
     lines += ["", f"## edgepkd (teacher: {teacher['arch']}, {teacher['mflops']:.2f} MFLOPs)", "",
-              "FLOPs per image = 2 x MACs of conv/linear layers + the selective scan (9·L·D·N + 2·L·D). "
+              "FLOPs per image = 2 x MACs of conv/linear layers + the selective scan (9·L·D·N + 2·L·D; a headed student's the FLOPs of its ssd form, README \"FLOPs\"). "
               "Test-split top-1 accuracy, re-derived from the saved weights by `edgepkd evaluate` "
               f"(max difference to metrics.json: {res['evaluate_max_diff']:.2g} points"
               + evaluated_note(res.get("evaluate")) + ").", "",

@@ -25,13 +25,14 @@ def model_row(r: dict) -> str:
 
 def architecture_table(models: list[dict]) -> list[str]:
     """The students' hyper-parameters, one line each (models of metrics.json; the teacher and baselines skipped)."""
-    lines = ["| model | d_model | depth | d_state | expand | patch | stem | bidirectional |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| model | d_model | depth | d_state | expand | patch | stem | heads | bidirectional |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in models:
         if r["role"] in ("chain", "ensemble"):
             s = r["spec"]
             lines.append(f"| {r['name']} | {s['d_model']} | {s['depth']} | {s['d_state']} | {s['expand']} | "
-                         f"{s['patch_size']} | {s.get('stem', 'patch')} | {s['bidirectional']} |")
+                         f"{s['patch_size']} | {s.get('stem', 'patch')} | {s.get('heads') or '-'} | "
+                         f"{s['bidirectional']} |")
     return lines
 
 
@@ -134,14 +135,15 @@ def print_plan(recipe, data, plan, latency=None, as_json: bool = False) -> None:
 
     table = Table(title=f"{recipe.name}: {len(rows)} students on {data.name} "
                   f"({len(data.train)}/{len(data.val)}/{len(data.test)} images)")
-    cols = ["#", "d_model", "depth", "d_state", "patch", "stem", "params", "MACs", "MFLOPs"]
+    cols = ["#", "d_model", "depth", "d_state", "patch", "stem", "heads", "params", "MACs", "MFLOPs"]
     if latency is not None:
         cols.append(f"p50 ms ({latency.profile.name}{', est.' if latency.profile.estimated else ''})")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["student"]), str(r["d_model"]), str(r["depth"]), str(r["d_state"]),
-                      str(r["patch_size"]), r["stem"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['mflops']:.3f}",
+                      str(r["patch_size"]), r["stem"], str(r.get("heads") or "-"), f"{r['params']:,}",
+                      f"{r['macs']:,}", f"{r['mflops']:.3f}",
                       *([f"{r['p50_ms']:.4f}"] if latency is not None else []))
     Console().print(table)
     if latency is not None:
