@@ -210,10 +210,10 @@ class DistillConfig:
 
 def _demo_students() -> StudentsConfig:
     return StudentsConfig(sizes=[
-        StudentSpec(d_model=32, depth=1, d_state=8, stem="conv"),
-        StudentSpec(d_model=24, depth=1, d_state=8),
-        StudentSpec(d_model=16, depth=1, d_state=4),
-        StudentSpec(d_model=8, depth=1, d_state=4),
+        StudentSpec(d_model=32, depth=1, d_state=8, stem="conv", heads=4),
+        StudentSpec(d_model=24, depth=1, d_state=8, heads=4),
+        StudentSpec(d_model=16, depth=1, d_state=4, heads=4),
+        StudentSpec(d_model=8, depth=1, d_state=4, heads=4),
     ])
 
 
