@@ -234,15 +234,16 @@ def render(result: dict, env: dict, command: str, args) -> str:
              f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}. 1 thread, batch 1; {args.rounds} "
              f"interleaved rounds of >= {args.min_seconds} s per artifact. p50: median of the per-round p50s; "
              "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
-             "'eff.': GFLOP/s over the teacher's in the same target. Scan 'unrolled' is the export form, "
-             f"'{args.before_scan}' the previous one (before).", ""]
+             "'eff.': GFLOP/s over the teacher's in the same target. Scan 'auto' is the targets' export form "
+             "('ssd' for headed students, else 'unrolled'), "
+             f"'{args.before_scan}' the form compared with it (before).", ""]
     for target in TARGETS:
         sel = [r for r in rows if r["base_target"] == target]
         if not sel:
             continue
         lines += [f"## {target}", "", "| model | scan | MFLOPs | p50 ms | p90 ms | repeat | GFLOP/s | p50 / teacher "
                   "| eff. / teacher | acc (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sorted(sel, key=lambda r: (r["model"].startswith("before/"), r["scan"] != "unrolled",
+        for r in sorted(sel, key=lambda r: (r["model"].startswith("before/"), r["scan"] == args.before_scan,
                                             r["model"] != "teacher", r["model"])):
             lines.append(f"| {r['model']} | {r['scan']} | {r['mflops']:.3f} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | "
                          f"{r['repeat']:.2f} | {r['gflops_per_s']:.1f} | {r['vs_teacher']:.2f} | "
