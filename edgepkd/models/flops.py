@@ -6,6 +6,7 @@ Convention (stated once, used everywhere):
     ``torch.utils.flop_counter.FlopCounterMode`` (a test cross-checks the two).
   * Selective scan: 9·L·D·N FLOPs per branch (VMamba's ``flops_selective_scan_ref``, derived from the
     Mamba reference scan) + L·D for the D skip + L·D for the SiLU(z) gate. It has no MACs in this count.
+    A headed branch (Mamba-2's scalar SSM) counts its 'ssd' export form instead (``SSMBranch.scan_flops``).
   * Not counted: normalisation, activations, pooling, residual adds, softplus (elementwise, O(L·D)).
   * FLOPs = 2 x MACs + scan FLOPs.
 """
@@ -22,7 +23,8 @@ from edgepkd.models.mamba import SSMBranch
 
 # the convention above in one line, as metrics.json states it
 FLOP_CONVENTION = ("FLOPs per image = 2 x MACs of conv/linear layers + selective scan 9·L·D·N (+2·L·D for the "
-                   "D skip and z gate); norms and activations not counted")
+                   "D skip and z gate; headed students: their ssd form, 2·L²·N + 2·H·L³ + 3·H·L² + 2·D·L² + L·D); "
+                   "norms and activations not counted")
 
 
 @dataclass
