@@ -4,16 +4,17 @@ the most accurate single student timed beside it on the same test images.
     python benchmarks/early_exit.py runs/mnist --data-dir ../shared/data          # tflite-fp32
     python benchmarks/early_exit.py runs/digits --target tflite-int8
 
-Exports what is missing (the ensemble's members, and the chain students, verified as any export), then
-``edgepkd.measure.early_exit.measure``. Goal: at the best single student's accuracy, the ensemble's mean latency
-is at most 0.7x that student's. Results: benchmarks/results/early-exit-<run name>.{md,json}.
+The same library call as ``edgepkd early-exit RUN --target T`` (``edgepkd.workflow.early_exit``: exports what
+is missing, the ensemble's members and the most accurate chain student, verified as any export, then
+``edgepkd.measure.early_exit.measure``), plus the goal's verdict and a results file. Goal: at the best single
+student's accuracy, the ensemble's mean latency is at most 0.7x that student's. Results:
+benchmarks/results/early-exit-<run name>.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -36,28 +37,14 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N test images")
     args = ap.parse_args(argv)
 
-    from edgepkd.cli import main as cli
+    from edgepkd import workflow
     from edgepkd.measure import early_exit as ee
-    from edgepkd.report import load_metrics
 
     run = Path(args.run)
-    metrics = load_metrics(run)
-    folder = run / "export" / args.target
-    have = set()
-    if (folder / "manifest.json").is_file():
-        have = {e["model"] for e in json.loads((folder / "manifest.json").read_text())["artifacts"]}
-    want = [r["name"] for r in metrics["models"] if r["role"] == "chain"] + metrics["ensemble_prefixes"][-1]["members"]
-    missing = [m for m in want if m not in have]
-    if missing:
-        # --keep-going: a chain student that fails verification is left out of the comparison (and named);
-        # the members must all pass
-        extra = (["--data-dir", args.data_dir] if args.data_dir else []) + (
-            ["--targets-dir", args.targets_dir] if args.targets_dir else [])
-        members = set(metrics["ensemble_prefixes"][-1]["members"])
-        names = [m for m in missing if m not in members] + (["ensemble-members"] if members & set(missing) else [])
-        cli(["export", str(run), "--target", args.target, "--keep-going", *extra,
-             *[a for m in names for a in ("--model", m)]])
-    res = ee.measure(str(run), args.target, repeats=args.repeats, limit=args.limit, data_dir=args.data_dir)
+    # what edgepkd early-exit does: export the missing members and the reference (the most accurate chain
+    # student), then measure
+    res = workflow.early_exit(run, args.target, targets_dir=[args.targets_dir] if args.targets_dir else (),
+                              repeats=args.repeats, limit=args.limit, data_dir=args.data_dir)
     text = ee.render(res)
     print(text)
     at = res.get("at_reference_accuracy")

@@ -30,6 +30,7 @@ examples:
   edgepkd bench runs/digits --device host        time every exported TFLite model here (the latency table)
   edgepkd bench runs/digits --device host-executorch   the same for the ExecuTorch (.pte) exports
   edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets
+  edgepkd early-exit runs/digits --target tflite-fp32 --device host   the ensemble member by member: θ sweep
   edgepkd distill recipes/digits.yaml --device host   recipe -> exported, benchmarked, picked artifact
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
   edgepkd list recipes                           the shipped recipes (a wheel carries them)
@@ -347,8 +348,9 @@ def export(run, target_names, models, list_targets, targets_dir, keep_going, no_
     artifact in its own runtime on the test split against the PyTorch fp32 model, and write RUN/export/TARGET/
     with the artifacts and manifest.json.
 
-    Verification fails by default when the target's tolerance is missed (fp32: max |logit diff|; int8: accuracy
-    drop); nothing is written for a failed model.
+    Verification fails by default when the target's tolerance is missed (fp32: a logit differs by more than
+    max_abs_diff + max_rel_diff x |its PyTorch value|; int8: accuracy drop); nothing is written for a failed
+    model.
     """
     from edgepkd.compress.targets import load_targets
 
@@ -450,10 +452,12 @@ def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
 @click.option("--latency-ms", type=float, metavar="X", help="p90 latency budget (default: the profile's)")
 @click.option("--min-accuracy", type=float, metavar="Y", help="lowest acceptable verified accuracy (%)")
 @click.option("--no-bench", is_flag=True, help="do not run bench for candidates without results; fail")
+@click.option("--early-exit/--no-early-exit", default=True, show_default=True,
+              help="let the run's edgepkd early-exit results for this device compete (judged by mean latency)")
 @devices_dir_option
 @bench_options
 @json_option("the selection")
-def pick(run, device, latency_ms, min_accuracy, no_bench, devices_dir, as_json, **options):
+def pick(run, device, latency_ms, min_accuracy, no_bench, early_exit, devices_dir, as_json, **options):
     """Pick the most accurate exported model that fits a device's budgets.
 
     Candidates: every exported model of RUN (students, ensemble prefixes, the teacher and baselines) at every
@@ -464,6 +468,11 @@ def pick(run, device, latency_ms, min_accuracy, no_bench, devices_dir, as_json, 
 
     Budgets: latency = p90; RAM = the model's peak-RSS growth (measured) or the sum of its non-constant tensors
     (estimated); storage = the artifact's bytes.
+
+    Early exit: when edgepkd early-exit measured the run's ensemble for this device's format
+    (RUN/bench/early-exit-TARGET.json), it competes at the most accurate θ whose MEAN latency meets the latency
+    budget; its p90 and worst case (all members) are shown beside it. It is chosen only when strictly more
+    accurate than the best single artifact within the budgets.
     """
     from pathlib import Path
 
@@ -477,7 +486,7 @@ def pick(run, device, latency_ms, min_accuracy, no_bench, devices_dir, as_json, 
         raise ConfigError(f"--latency-ms {latency_ms}: must be positive")
     log = _stderr if as_json else print
     sel = choose(run, profile, latency_ms=latency_ms, min_accuracy=min_accuracy,
-                 options=_bench_options(**options), run_bench=not no_bench, log=log)
+                 options=_bench_options(**options), run_bench=not no_bench, early_exit=early_exit, log=log)
     if as_json:
         print(json.dumps(sel.as_dict(), indent=2))
         record(sel, Path(run))
@@ -485,6 +494,63 @@ def pick(run, device, latency_ms, min_accuracy, no_bench, devices_dir, as_json, 
             (f"\nplot: {sel.plot} (accuracy vs p50 on '{sel.profile.name}')" if sel.plot else ""))
         return 0
     return _show_selection(lambda: record(sel, Path(run)), out=print)
+
+
+# ------------------------------------------------------------------------------------------------- early exit
+def _thetas(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--thetas {text}: give comma-separated numbers in [0, 1], e.g. 0.9,0.99,1") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise ConfigError(f"--thetas {text}: give comma-separated numbers in [0, 1], e.g. 0.9,0.99,1")
+    return sorted(set(values))
+
+
+@cli.command(name="early-exit", context_settings=CONTEXT)
+@click.argument("run", metavar="RUN")
+@click.option("--target", required=True, metavar="NAME", shell_complete=_complete(_target_names),
+              help="the export target whose members run (e.g. tflite-fp32)")
+@_device_option("a local device profile whose threads to use (default: 1 thread); recorded for edgepkd pick")
+@click.option("--thetas", metavar="LIST", help="confidence thresholds to sweep, comma-separated in [0, 1] "
+              "(default: 0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1)")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="only the first N test images")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, metavar="K",
+              help="passes over the images; each step's time is its median over them")
+@click.option("--reference", metavar="MODEL", help="the single model timed beside the members (default: the most "
+              "accurate chain student; exported when missing)")
+@targets_dir_option
+@devices_dir_option
+@data_dir_option(of_run=True)
+@json_option("the result (as written to RUN/bench/early-exit-TARGET.json)")
+def early_exit(run, target, device, thetas, limit, repeats, reference, targets_dir, devices_dir, data_dir,
+               as_json):
+    """Run an ensemble member by member, exiting when confident: the θ sweep.
+
+    Run the members of RUN's largest ensemble prefix one after another in the target's runtime, on this
+    machine, on the test images; an image stops at the first prefix whose maximum softmax probability reaches θ
+    (θ = 1: all members, the full prefix's answer). One pass gives every θ: accuracy, mean / p50 / p90 / max
+    latency, members run, and the worst case (all members), beside the reference timed on the same images.
+    Exports the members (--model ensemble-members) and the reference first when they are missing, verified as
+    any export. Writes RUN/bench/early-exit-TARGET.json, which edgepkd pick reads to choose θ for a device.
+    """
+    from edgepkd import workflow
+    from edgepkd.measure.early_exit import render, result_path
+
+    log = _stderr if as_json else print
+    res = workflow.early_exit(run, target, device=device, devices_dir=devices_dir, targets_dir=targets_dir,
+                              reference=reference, thetas=_thetas(thetas), limit=limit, repeats=repeats,
+                              data_dir=data_dir, log=log)
+    if as_json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(render(res))
+    from pathlib import Path
+
+    log(f"results: {result_path(Path(run), res['target'])}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ report, list

@@ -12,6 +12,7 @@ place that calls them in order, and the only one above all of them. ``edgepkd di
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,63 @@ def deploy(run_path: str | Path, device, *, data_dir: str | None = None, devices
     export_targets(str(run_path), chosen, data_dir=data_dir, log=log, keep_going=True)
     sel = pick(str(run_path), profile, options=options or BenchOptions(data_dir=data_dir), log=log)
     return record(sel, Path(run_path))
+
+
+def early_exit(run_path: str | Path, target: str, *, device: str | None = None, devices_dir: Sequence[str] = (),
+               targets_dir: Sequence[str] = (), reference: str | None = None, thetas: Sequence[float] | None = None,
+               limit: int | None = None, repeats: int = 3, data_dir: str | None = None,
+               log: Callable = print) -> dict:
+    """``edgepkd early-exit``: the anytime ensemble run member by member on this machine, θ swept.
+
+    Exports what is missing first, verified as any export: the largest prefix's members (``--model
+    ensemble-members``; a member failing verification stops it) and the reference, ``reference`` or else the
+    most accurate chain student of metrics.json (one failing verification is left out, and said so). Then
+    ``measure.early_exit.measure``, at the threads of ``device`` (a local profile of the target's format; default
+    1 thread), which writes RUN/bench/early-exit-TARGET.json. Returns that result."""
+    from edgepkd.compress.export import export_run, file_stem
+    from edgepkd.compress.targets import load_targets
+    from edgepkd.measure import early_exit as ee
+    from edgepkd.report import load_metrics
+    from edgepkd.rundir import RunDir
+
+    run = Path(run_path)
+    RunDir(run).require_complete()
+    tgt = load_targets(list(targets_dir)).get(target)
+    threads = 1
+    if device is not None:
+        profile = device_profile(device, devices_dir)
+        if profile.connect != "local":
+            raise ConfigError(f"--device {profile.name}: early exit runs the members here, in this machine's "
+                              f"runtime, and '{profile.name}' is " + ("estimated (connect: none)" if
+                              profile.estimated else f"reached over {profile.connect}") + "; give a local "
+                              "profile (e.g. host)")
+        if profile.format != tgt.format:
+            raise ConfigError(f"--device {profile.name} runs {profile.runtime}, but target {tgt.name} is "
+                              f"{tgt.format}; give a {profile.format} target or another device")
+        threads = profile.threads
+    metrics = load_metrics(run)
+    if not metrics.get("ensemble_prefixes"):
+        raise RunError(f"{run}: has no ensemble (distill.strategies without ensemble): nothing to run early")
+    manifest = run / "export" / tgt.name / "manifest.json"
+    have: set[str] = set()
+    if manifest.is_file():
+        have = {e["model"] for e in json.loads(manifest.read_text())["artifacts"]
+                if (manifest.parent / e["file"]).is_file()}
+    explicit = reference is not None
+    if not explicit:
+        chain = [r for r in metrics["models"] if r.get("role") == "chain"]
+        reference = max(chain, key=lambda r: r["test_acc"])["name"] if chain else None
+    if not set(metrics["ensemble_prefixes"][-1]["members"]) <= have:
+        log(f"early exit: exporting the ensemble's members to {tgt.name}")
+        export_run(str(run), tgt, models=["ensemble-members"], data_dir=data_dir, log=log)
+    if reference is not None and file_stem(reference) not in {file_stem(m) for m in have}:
+        log(f"early exit: exporting the reference {reference} to {tgt.name}")
+        refused: list[str] = []
+        export_run(str(run), tgt, models=[reference], data_dir=data_dir, log=log, refused=refused)
+        if refused and not explicit:
+            log(f"early exit: {reference} failed verification for {tgt.name}: measured beside the most accurate "
+                "chain student exported there, if any")
+            reference = None
+    kwargs = {} if thetas is None else {"thetas": tuple(thetas)}
+    return ee.measure(str(run), tgt.name, reference=reference, threads=threads, limit=limit, repeats=repeats,
+                      data_dir=data_dir, device=device, log=log, **kwargs)

@@ -407,6 +407,95 @@ def test_pick_on_host_benches_what_is_missing_then_reuses_it(run_copy, capsys):
     assert (run_copy / "bench" / "host.json").read_bytes() == bench_file  # nothing measured again
 
 
+def fake_early_exit(run: Path, threads: int = 1) -> Path:
+    """Two 'members' (copies of exported students, listed in the manifest as an ensemble's members) and an
+    early-exit result for them with a synthetic θ sweep: mean 0.001 ms at 50 %, 500 ms at 100 %, 5 s at 100 %."""
+    folder = run / "export" / "tflite-fp32"
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    for e in data["artifacts"]:  # the single artifacts below 100 %, whatever the tiny run reached
+        e["verification"]["accuracy"] = min(e["verification"]["accuracy"], 90.0)
+    sources = [e for e in data["artifacts"] if e["model"] in ("chain/s1", "chain/s2")]
+    files = []
+    for i, src in enumerate(sources, 1):
+        name = f"ensemble-e{i}.tflite"
+        shutil.copy(folder / src["file"], folder / name)
+        data["artifacts"].append({**src, "file": name, "model": f"ensemble/e{i}",
+                                  "ensemble_member": {"index": i - 1, "members": ["ensemble/e1", "ensemble/e2"],
+                                                      "shrinkage": 0.5}})
+        files.append({"file": name, "bytes": src["bytes"], "sha256": src["sha256"]})
+    path.write_text(json.dumps(data))
+    images = sources[0]["verification"]["images"]
+    rows = [{"theta": t, "accuracy": a, "mean_ms": m, "p50_ms": m, "p90_ms": 2 * m, "max_ms": 3 * m}
+            for t, a, m in ((0.5, 50.0, 0.001), (0.9, 100.0, 500.0), (1.0, 100.0, 5000.0))]
+    res = {"target": "tflite-fp32", "format": "tflite", "precision": "fp32", "device": "local1", "threads": threads,
+           "images": images, "members": ["ensemble/e1", "ensemble/e2"], "files": files, "ram_bytes": 1 << 20,
+           "sweep": rows, "all_members_ms": {"mean": 5000.0, "p90": 6000.0, "max": 7000.0}}
+    out = run / "bench" / "early-exit-tflite-fp32.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res))
+    return out
+
+
+def test_pick_chooses_early_exit_theta_by_mean_latency_and_shows_its_worst_case(run_copy, tmp_path, capsys):
+    result = fake_early_exit(run_copy)
+    local = {"runtime": "tflite", "threads": 1, "precisions": ["fp32"],
+             "budget": {"latency_ms": 1000, "ram_mib": 64, "storage_mib": 16}}
+    folder = devices_dir(tmp_path, local1=local)
+    args = ["pick", str(run_copy), "--device", "local1", "--devices-dir", str(folder), *FAST]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    # budget 1000 ms: θ = 0.9 (mean 500 ms, 100 %) beats every single artifact (<= 90 %); θ = 1 (mean 5 s) is out
+    assert sel["choice"]["kind"] == "early-exit" and sel["choice"]["theta"] == 0.9, sel["choice"]
+    assert sel["choice"]["worst_case_ms"] == {"mean": 5000.0, "p90": 6000.0, "max": 7000.0}
+    assert "judged by mean latency, single artifacts by p90" in sel["choice"]["verdict"]
+    assert "worst case, all 2 members: p90 6000.0 ms, max 7000.0 ms (over the 1000.0 ms budget)" in out
+    assert "picked early exit ensemble/e1..e2 θ=0.9" in out and "500.0 mean" in out
+    assert all(c["verdict"].startswith(("fits, but the early-exit ensemble", "dominated", "fits, less"))
+               for c in sel["candidates"]), [c["verdict"] for c in sel["candidates"]]
+    # budget 100 ms: only θ = 0.5 (50 %) meets it by mean; the single artifact wins, and says it
+    assert main([*args, "--latency-ms", "100", "--no-bench"]) == 0
+    capsys.readouterr()
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    assert "kind" not in sel["choice"] and sel["early_exit"][0]["theta"] == 0.5
+    assert "not more accurate than" in sel["early_exit"][0]["verdict"]
+    assert "worst case, all 2 members" in sel["early_exit"][0]["verdict"]
+    # --no-early-exit: single artifacts only
+    assert main([*args, "--no-early-exit", "--no-bench"]) == 0
+    capsys.readouterr()
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    assert "kind" not in sel["choice"] and sel["early_exit"] == []
+    # measured with another thread count: still a candidate, and it says so
+    fake_early_exit(run_copy, threads=2)
+    assert main([*args, "--no-bench"]) == 0
+    assert "measured with 2 thread(s); 'local1' uses 1" in capsys.readouterr().out
+    # a member exported again since: stale, not a candidate
+    res = json.loads(result.read_text())
+    res["files"][0]["sha256"] = "0" * 64
+    result.write_text(json.dumps(res))
+    assert main([*args, "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    assert "kind" not in sel["choice"] and "stale: ensemble-e1.tflite exported again" in out
+
+
+@pytest.mark.parametrize("content", ["{", json.dumps({"target": "tflite-fp32"}),
+                                     json.dumps({"sweep": [{"theta": 0.5}]})])
+def test_a_malformed_early_exit_result_is_one_line(run_copy, tmp_path, capsys, content):
+    result = fake_early_exit(run_copy)
+    if content.startswith('{"sweep"'):
+        content = json.dumps({**json.loads(result.read_text()), "sweep": [{"theta": 0.5}]})
+    result.write_text(content)
+    selection = (run_copy / "selection.json").read_bytes() if (run_copy / "selection.json").exists() else None
+    folder = devices_dir(tmp_path, roomy=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3))
+    assert main(["pick", str(run_copy), "--device", "roomy", "--devices-dir", str(folder)]) == 2
+    err = one_line_error(capsys)
+    assert str(result) in err and "not an early-exit result edgepkd wrote" in err and "--no-early-exit" in err
+    assert ((run_copy / "selection.json").read_bytes() if selection is not None else None) == selection
+    assert main(["pick", str(run_copy), "--device", "roomy", "--devices-dir", str(folder), "--no-early-exit"]) == 0
+
+
 def test_distill_with_device_goes_from_recipe_to_a_picked_artifact(tmp_path, tiny_recipe, capsys):
     folder = devices_dir(tmp_path, board={**estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3),
                                           "runtime": "onnxruntime", "export_targets": ["onnx-fp32"]})

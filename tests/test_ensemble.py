@@ -180,6 +180,31 @@ def test_early_exit_at_theta_one_is_the_full_prefix_and_thresholds_cut_work(swit
     assert "ensemble[1..2]" in names and not names & {"ensemble/c1", "ensemble/c2"}
 
 
+@pytest.mark.slow
+def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switched_run, tmp_path, capsys):
+    import shutil
+
+    _, src = switched_run
+    run = tmp_path / "tiny"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("export", "bench"))
+    assert main(["early-exit", str(run), "--target", "tflite-fp32", "--device", "cortex-m7"]) == 2
+    assert "estimated (connect: none)" in capsys.readouterr().err
+    assert main(["early-exit", str(run), "--target", "tflite-fp32", "--device", "host", "--thetas", "0,0.9,1",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "exporting the ensemble's members" in out and "exporting the reference chain/s1" in out
+    assert "worst case, all 2 members (no exit)" in out and "reference chain/s1" in out
+    res = json.loads((run / "bench" / "early-exit-tflite-fp32.json").read_text())
+    assert res["device"] == "host" and res["threads"] == 1 and [r["theta"] for r in res["sweep"]] == [0, 0.9, 1]
+    manifest = {e["file"]: e for e in json.loads((run / "export" / "tflite-fp32" / "manifest.json").read_text())
+                ["artifacts"]}
+    assert [f["sha256"] for f in res["files"]] == [manifest[f["file"]]["sha256"] for f in res["files"]]
+    assert res["ram_bytes"] is None or res["ram_bytes"] > 0
+    from edgepkd.measure.early_exit import load_result
+
+    assert load_result(run / "bench" / "early-exit-tflite-fp32.json")["members"] == res["members"]
+
+
 def test_choose_theta_meets_the_mean_budget_or_the_accuracy():
     from edgepkd.measure.early_exit import choose
 

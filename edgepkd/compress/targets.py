@@ -50,12 +50,16 @@ class QuantConfig:
 
 @dataclass
 class VerifyConfig:
-    max_abs_diff: float | None = None      # fp32: fail when the largest |logit difference| exceeds this
+    max_abs_diff: float | None = None      # fp32: fail when a |logit difference| exceeds this (+ the relative part)
+    max_rel_diff: float | None = None      # fp32: each logit may also differ by this times |its PyTorch value|:
+                                           # |out - ref| <= max_abs_diff + max_rel_diff * |ref| elementwise
+                                           # (numpy.allclose's rule), so large logits are held to float rounding
     max_accuracy_drop: float | None = None  # int8: fail when accuracy drops more than this many points
     min_agreement: float | None = None     # fail when top-1 agreement with PyTorch fp32 (%) is below this
 
     def __post_init__(self):
         check(self.max_abs_diff is None or self.max_abs_diff > 0, "max_abs_diff", "must be positive")
+        check(self.max_rel_diff is None or 0 <= self.max_rel_diff < 1, "max_rel_diff", "must be in [0, 1)")
         check(self.max_accuracy_drop is None or self.max_accuracy_drop >= 0, "max_accuracy_drop", "must be >= 0")
         check(self.min_agreement is None or 0 <= self.min_agreement <= 100, "min_agreement", "must be in [0, 100]")
 

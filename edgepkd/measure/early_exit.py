@@ -155,22 +155,67 @@ def member_entries(folder: Path) -> tuple[list[dict], list[dict]]:
     return members, [e for e in entries if "ensemble_member" not in e]
 
 
+def result_path(run: Path, target: str) -> Path:
+    return Path(run) / "bench" / f"early-exit-{target}.json"
+
+
+_RAM_CHILD = """
+import json, os, sys
+from edgepkd.measure import runner as r
+paths, threads, shape = json.loads(sys.argv[1])
+r._import_runtime(r.artifact_format(paths[0]), "auto")   # before the baseline, as the runner does
+import numpy as np
+
+def rss():   # current RSS: a child's peak RSS can start at its parent's (kept across exec), so not the peak
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+base = rss()
+models = [r.open_model(p, threads) for p in paths]
+for m in models:
+    m.run(m.prepare(np.zeros(shape, dtype=np.float32)))
+print(json.dumps(max(rss() - base, 0)))
+"""
+
+
+def members_ram_bytes(paths: list[str], threads: int, input_shape: list[int]) -> int | None:
+    """RAM of all members loaded at once, in a fresh child process: the growth of its resident set from just
+    before the models are opened (runtime and numpy imported, as bench's runner does) to after one run of each
+    (Linux /proc; None elsewhere or when the child fails)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _RAM_CHILD, json.dumps([paths, threads, input_shape])],
+                          capture_output=True, text=True, timeout=300)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
 def measure(run_path: str, target: str, *, reference: str | None = None, thetas=DEFAULT_THETAS,
             threads: int = 1, limit: int | None = None, repeats: int = 3, data_dir: str | None = None,
-            log=print) -> dict:
+            device: str | None = None, log=print) -> dict:
     """Trace the run's exported ensemble members (export folder ``target``) on the test split in this machine's
     runtime, sweep θ, and write ``RUN/bench/early-exit-<target>.json``. ``reference``: the single model timed
-    beside them (default: the most accurate chain student exported there)."""
+    beside them (default: the most accurate chain student exported there). ``device``: the name of the (local)
+    device profile whose settings (``threads``) this measures, recorded so that ``pick`` knows what it is for.
+
+    Every member file is checked against its manifest entry first (size and sha256; the result records them, so
+    a member exported again later makes the result stale for ``pick``). RAM: ``members_ram_bytes``, all members
+    loaded at once in a child process."""
     import numpy as np
 
     from edgepkd.errors import RunError
-    from edgepkd.measure.bench import test_images
+    from edgepkd.measure.bench import Artifact, check_artifact, test_images
     from edgepkd.measure.runner import open_model, preprocess
     from edgepkd.rundir import atomic_write_json
 
     run = Path(run_path)
     folder = run / "export" / target
     members, others = member_entries(folder)
+    for e in members:
+        check_artifact(Artifact(folder / e["file"], e, target, run))
     singles = [e for e in others if str(e.get("model", "")).startswith("chain/")]
     if reference is not None:
         singles = [e for e in others if reference in (e["model"], Path(e["file"]).stem)]
@@ -183,6 +228,7 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
     if limit:
         images, labels = images[:limit], labels[:limit]
     x = preprocess(images, members[0]["preprocessing"])                           # (N, C, H, W) float32
+    ram = members_ram_bytes([str(folder / e["file"]) for e in members], threads, list(x[:1].shape))
     models = [open_model(str(folder / e["file"]), threads) for e in members]
     ref_model = open_model(str(folder / ref["file"]), threads) if ref is not None else None
     for mdl in models + ([ref_model] if ref_model else []):                       # warm up every interpreter
@@ -193,8 +239,12 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
     tr = trace(models, x, shrinkage, ref_model, repeats)
     rows = sweep(tr, labels, thetas)
     all_ms = tr.step_s.sum(1) * 1e3                                               # (N,)
-    out = {"run": str(run), "target": target, "runtime": f"{models[0].runtime} {models[0].version}",
+    out = {"run": str(run), "target": target, "format": members[0].get("format"),
+           "precision": members[0].get("precision"), "device": device,
+           "runtime": f"{models[0].runtime} {models[0].version}",
            "threads": threads, "images": int(len(x)), "repeats": repeats, "members": [e["model"] for e in members],
+           "files": [{"file": e["file"], "bytes": e["bytes"], "sha256": e["sha256"]} for e in members],
+           "ram_bytes": ram,
            "shrinkage": shrinkage, "sweep": rows,
            "member_step_ms": (tr.step_s.mean(0) * 1e3).tolist(),
            "full_prefix_accuracy": 100.0 * float((tr.pred[:, -1] == labels).mean()),
@@ -211,19 +261,53 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
         best = choose(rows, min_accuracy=out["reference"]["accuracy"])
         out["at_reference_accuracy"] = None if best is None else {
             **best, "mean_ratio": best["mean_ms"] / out["reference"]["mean_ms"]}
-    atomic_write_json(run / "bench" / f"early-exit-{target}.json", out)
+    atomic_write_json(result_path(run, target), out)
     return out
 
 
+def load_result(path: Path) -> dict:
+    """RUN/bench/early-exit-TARGET.json as ``measure`` wrote it, checked; anything else is a one-line RunError
+    naming the file and how to fix it."""
+    from edgepkd.errors import RunError
+    from edgepkd.rundir import read_json
+
+    path = Path(path)
+    target = path.stem[len("early-exit-"):]
+    fix = (f"measure it again (edgepkd early-exit {path.parent.parent} --target {target}), or move it away "
+           "(edgepkd pick --no-early-exit ignores it)")
+    res = read_json(path, {"target": str, "format": str, "precision": str, "threads": int, "images": int,
+                           "members": list, "files": list, "sweep": list, "all_members_ms": dict},
+                    "an early-exit result", fix)
+    number = (int, float)
+    if not res["sweep"] or not all(isinstance(r, dict) and all(isinstance(r.get(k), number) for k in
+                                                                 ("theta", "accuracy", "mean_ms", "p90_ms", "max_ms"))
+                                   for r in res["sweep"]):
+        raise RunError(f"{path}: not an early-exit result edgepkd wrote (sweep rows need theta, accuracy, mean_ms, "
+                       f"p90_ms, max_ms); {fix}")
+    if not all(isinstance(res["all_members_ms"].get(k), number) for k in ("mean", "p90", "max")):
+        raise RunError(f"{path}: not an early-exit result edgepkd wrote (all_members_ms needs mean, p90, max); {fix}")
+    if len(res["files"]) != len(res["members"]) or not all(
+            isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)
+            and isinstance(f.get("bytes"), int) for f in res["files"]):
+        raise RunError(f"{path}: not an early-exit result edgepkd wrote (files needs file, bytes, sha256 per "
+                       f"member); {fix}")
+    return res
+
+
 def render(res: dict, picked: dict | None = None) -> str:
+    """The θ sweep as a table, the worst case (every member), and the reference beside it."""
+    on = f" for device '{res['device']}'" if res.get("device") else ""
     lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}), {res['target']}, "
-             f"{res['runtime']}, {res['threads']} thread(s), {res['images']} test images"]
+             f"{res['runtime']}, {res['threads']} thread(s){on}, {res['images']} test images"]
     lines.append(f"{'theta':>7} {'acc %':>7} {'mean ms':>8} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} "
                  f"{'members':>8}")
     for r in res["sweep"]:
         mark = "  <- picked" if picked is not None and r["theta"] == picked["theta"] else ""
         lines.append(f"{r['theta']:>7g} {r['accuracy']:>7.2f} {r['mean_ms']:>8.4f} {r['p50_ms']:>8.4f} "
                      f"{r['p90_ms']:>8.4f} {r['max_ms']:>8.4f} {r['mean_members']:>8.2f}{mark}")
+    worst = res["all_members_ms"]
+    lines.append(f"worst case, all {len(res['members'])} members (no exit): mean {worst['mean']:.4f} ms, p90 "
+                 f"{worst['p90']:.4f} ms, max {worst['max']:.4f} ms")
     if res.get("reference"):
         ref = res["reference"]
         lines.append(f"reference {ref['model']}: acc {ref['accuracy']:.2f} %, mean {ref['mean_ms']:.4f} ms, "
@@ -233,7 +317,6 @@ def render(res: dict, picked: dict | None = None) -> str:
                      f"θ = {at['theta']:g}, acc {at['accuracy']:.2f} %, mean {at['mean_ms']:.4f} ms = "
                      f"{at['mean_ratio']:.2f}x the reference's"))
     if picked is not None:
-        worst = res["all_members_ms"]
         lines.append(f"picked θ = {picked['theta']:g}: mean {picked['mean_ms']:.4f} ms, acc "
                      f"{picked['accuracy']:.2f} %; worst case, all {len(res['members'])} members: p90 "
                      f"{worst['p90']:.4f} ms, max {worst['max']:.4f} ms")

@@ -11,6 +11,13 @@ below the accuracy floor, dominated, or simply less accurate). When nothing fits
 budget and what the closest candidate needs. Every candidate's file is checked against its manifest (size and
 sha256) first: a truncated or changed one stops pick with one line (re-export it), selection.json untouched.
 
+Early exit: when ``edgepkd early-exit`` measured the run's ensemble member by member for the device's format
+(RUN/bench/early-exit-TARGET.json), it is one more candidate, at the θ whose MEAN latency meets the latency
+budget with the highest accuracy (``early_exit.choose``). It is judged by its mean, single artifacts by their
+p90: an exit-early model is fast on most images and slow (every member) on a few, so its p90 and its worst case
+are shown beside it, never hidden. It is chosen only when strictly more accurate than the best single artifact
+within the budgets (a tie goes to the single artifact, whose p90 bounds nine images in ten).
+
     runs/<run>/selection.json   {"devices": {NAME: the choice, budgets, and every candidate with its verdict}}
 """
 
@@ -112,6 +119,7 @@ class Selection:
     explanation: str = ""
     path: Path | None = None            # RUN/selection.json once ``record`` wrote it
     plot: Path | None = None            # RUN/bench/DEVICE.png (accuracy vs p50), when bench drew it
+    early_exits: list["EarlyExit"] = field(default_factory=list)  # edgepkd early-exit results for this device
 
     def as_dict(self) -> dict:
         p = self.profile
@@ -120,7 +128,8 @@ class Selection:
                 "budget": {"latency_p90_ms": self.limits.latency_ms, "ram_mib": self.limits.ram_mib,
                            "storage_mib": self.limits.storage_mib, "min_accuracy": self.limits.min_accuracy},
                 "choice": None if self.choice is None else self.choice.as_dict(),
-                "why": self.explanation, "candidates": [c.as_dict() for c in self.candidates], "created": now()}
+                "why": self.explanation, "candidates": [c.as_dict() for c in self.candidates],
+                "early_exit": [e.as_dict() for e in self.early_exits], "created": now()}
 
 
 def _round_up(v: float, digits: int = 3) -> str:
@@ -228,6 +237,14 @@ def choose(sel: Selection) -> Selection:
     return sel
 
 
+def _choose_all(sel: Selection) -> Selection:
+    """``choose`` among the single artifacts, then the early-exit candidates against that choice."""
+    choose(sel)
+    if sel.early_exits:
+        weigh_early_exit(sel)
+    return sel
+
+
 def is_student(c: Candidate) -> bool:
     """A chain student or an ensemble prefix; not the teacher or a baseline (which pick weighs all the same)."""
     model = str(c.artifact.entry.get("model", ""))
@@ -243,8 +260,9 @@ def candidates(run: Path, profile: DeviceProfile) -> list[Candidate]:
 
 def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = None,
          min_accuracy: float | None = None, options: BenchOptions | None = None, run_bench: bool = True,
-         log=print) -> Selection:
-    """Gather candidates, bench the ones without a current result on this device, and choose."""
+         early_exit: bool = True, log=print) -> Selection:
+    """Gather candidates, bench the ones without a current result on this device, and choose. ``early_exit``:
+    the run's early-exit results for this device compete too (False: single artifacts only)."""
     run = Path(run_path)
     RunDir(run).require_complete()
     limits = Limits(latency_ms if latency_ms is not None else profile.budget.latency_ms, profile.budget.ram_mib,
@@ -252,6 +270,8 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
     if limits.latency_ms <= 0:
         raise EdgepkdError(f"--latency-ms {latency_ms}: must be positive")
     sel = Selection(profile, limits, candidates(run, profile))
+    if early_exit:
+        sel.early_exits = early_exit_candidates(run, profile)
     for c in sel.candidates:
         check_artifact(c.artifact)  # a stored result describes the file of this sha256; a changed file is refused
     options = options or BenchOptions()
@@ -271,7 +291,7 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
         err = {id(a): e for a, e in outcome.errors}
         for c in todo:
             c.result, c.error = got.get(id(c.artifact)), err.get(id(c.artifact))
-    return choose(sel)
+    return _choose_all(sel)
 
 
 def write_selection(run: Path, sel: Selection) -> Path:
@@ -307,8 +327,182 @@ def render(sel: Selection) -> str:
                      "-" if c.result is None else f"{c.ram / MIB:.2f}",
                      "-" if c.result is None else f"{c.bytes / 1024:.1f}",
                      "yes" if c.pareto else "", c.verdict])
+    for e in sorted(sel.early_exits, key=lambda e: e is not sel.choice):
+        row = ["*" if e is sel.choice else "", e.model, e.target,
+               "-" if e.row is None else f"{e.accuracy:.2f}", "-" if e.row is None else f"{_ms(e.mean_ms)} mean",
+               "-" if e.ram is None else f"{e.ram / MIB:.2f}", f"{e.bytes / 1024:.1f}", "", e.verdict]
+        rows.insert(0, row) if e is sel.choice else rows.append(row)
     head = f"pick for device '{p.name}' ({p.runtime}, {mode}): {sel.limits.describe()}"
     table = format_table(["", "model", "target", "acc %", "p90 ms", "RAM MiB", "KiB", "pareto", "verdict"], rows,
                          right={3, 4, 5, 6})
     return f"{head}\n{table}"
 
+
+
+# ------------------------------------------------------------------------------------------------- early exit
+@dataclass
+class EarlyExit:
+    """The run's ensemble run member by member (``edgepkd early-exit``), as a pick candidate: its θ sweep, and
+    the θ chosen for the latency budget (judged by MEAN latency; see the module docstring)."""
+
+    path: Path                          # RUN/bench/early-exit-TARGET.json
+    result: dict
+    notes: list[str] = field(default_factory=list)   # how it was measured, where not the device's own settings
+    excluded: str | None = None         # why it is not a candidate for this device (stale, other device, subset)
+    row: dict | None = None             # the chosen θ's sweep row
+    verdict: str = ""
+    fits: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.result["target"]
+
+    @property
+    def model(self) -> str:
+        m = self.result["members"]
+        theta = "" if self.row is None else f" θ={self.row['theta']:g}"
+        return f"early exit {m[0]}..{m[-1].split('/')[-1]}{theta}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} ({self.target})"
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.row is None else self.row["accuracy"]
+
+    @property
+    def mean_ms(self) -> float:
+        return self.row["mean_ms"]
+
+    @property
+    def worst(self) -> dict:
+        """Every member run (no image exits): mean, p90, max (ms)."""
+        return self.result["all_members_ms"]
+
+    @property
+    def ram(self) -> int | None:
+        return self.result.get("ram_bytes")
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["bytes"] for f in self.result["files"])
+
+    def worst_case(self) -> str:
+        w = self.worst
+        return f"worst case, all {len(self.result['members'])} members: p90 {_ms(w['p90'])} ms, max {_ms(w['max'])} ms"
+
+    def as_dict(self) -> dict:
+        return {"kind": "early-exit", "model": self.model, "target": self.target, "members": self.result["members"],
+                "file": str(Path("bench") / self.path.name), "files": [f"export/{self.target}/{f['file']}" for f in
+                                                                     self.result["files"]],
+                "theta": None if self.row is None else self.row["theta"], "accuracy": self.accuracy,
+                "latency_mean_ms": None if self.row is None else self.mean_ms,
+                "latency_p90_ms": None if self.row is None else self.row["p90_ms"],
+                "worst_case_ms": self.worst, "judged_by": "mean latency", "ram_bytes": self.ram,
+                "bytes": self.bytes, "threads": self.result["threads"], "device": self.result.get("device"),
+                "runtime": self.result.get("runtime"), "images": self.result["images"], "notes": self.notes,
+                "fits": self.fits, "verdict": self.verdict}
+
+
+def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
+    """The run's early-exit results (RUN/bench/early-exit-*.json) in the device's format and precisions. A
+    malformed one stops pick with one line; one measured elsewhere, on part of the test split, or with members
+    exported again since is shown with the reason and does not compete."""
+    from edgepkd.measure.early_exit import load_result
+
+    out = []
+    for path in sorted((run / "bench").glob("early-exit-*.json")):
+        res = load_result(path)
+        if res["format"] != profile.format or res["precision"] not in profile.precisions:
+            continue
+        e = EarlyExit(path, res)
+        measured_for = res.get("device")
+        again = f"edgepkd early-exit {run} --target {res['target']} --device {profile.name}"
+        if profile.connect != "local" and measured_for != profile.name:
+            e.excluded = (f"measured on this machine{f' for device {measured_for!r}' if measured_for else ''}, not "
+                          f"on '{profile.name}' ({'estimated' if profile.estimated else profile.connect}): not a "
+                          "candidate")
+        if measured_for not in (None, profile.name):
+            e.notes.append(f"measured for device '{measured_for}'")
+        if res["threads"] != profile.threads:
+            e.notes.append(f"measured with {res['threads']} thread(s); '{profile.name}' uses {profile.threads}")
+        folder = run / "export" / res["target"]
+        entries = {x["file"]: x for x in _manifest_entries(folder)}
+        changed = [f["file"] for f in res["files"] if entries.get(f["file"], {}).get("sha256") != f["sha256"]]
+        if changed and e.excluded is None:
+            e.excluded = (f"stale: {', '.join(changed)} exported again (or removed) since it was measured; "
+                          f"measure again: {again}")
+        split = next((entries[f["file"]].get("verification", {}).get("images") for f in res["files"]
+                      if f["file"] in entries), None)
+        if e.excluded is None and split is not None and res["images"] < split:
+            e.excluded = (f"measured on {res['images']} of the {split} test images (--limit): its accuracy is not "
+                          f"comparable with the verified accuracies; measure again without --limit: {again}")
+        if e.excluded is None:
+            for f in res["files"]:
+                check_artifact(Artifact(folder / f["file"], entries[f["file"]], res["target"], run))
+        out.append(e)
+    return out
+
+
+def _manifest_entries(folder: Path) -> list[dict]:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return []
+    return read_json(path, {"artifacts": list}, "a manifest", "export again")["artifacts"]
+
+
+def weigh_early_exit(sel: Selection) -> None:
+    """Choose θ for each early-exit candidate (the most accurate whose mean latency meets the budget), check the
+    other budgets, and let the best one take the choice when it is strictly more accurate than the single
+    artifact chosen (or when no single artifact fits)."""
+    from edgepkd.measure.early_exit import choose as choose_theta
+
+    lim = sel.limits
+    for e in sel.early_exits:
+        if e.excluded:
+            e.verdict = e.excluded
+            continue
+        e.row = choose_theta(e.result["sweep"], mean_ms=lim.latency_ms)
+        if e.row is None:
+            fastest = min(e.result["sweep"], key=lambda r: r["mean_ms"])
+            e.verdict = (f"too slow: the fastest θ ({fastest['theta']:g}) has mean {_ms(fastest['mean_ms'])} ms > "
+                         f"{_ms(lim.latency_ms)} ms")
+            continue
+        why = []
+        if e.ram is not None and e.ram > lim.ram_mib * MIB:
+            why.append(f"too big (RAM): {e.ram / MIB:.3g} MiB > {lim.ram_mib:g} MiB")
+        if e.bytes > lim.storage_mib * MIB:
+            why.append(f"too big (storage): {e.bytes / MIB:.3g} MiB > {lim.storage_mib:g} MiB")
+        if lim.min_accuracy is not None and e.accuracy < lim.min_accuracy:
+            why.append(f"below --min-accuracy: {e.accuracy:.2f}% < {lim.min_accuracy:g}%")
+        e.fits = not why
+        e.verdict = "; ".join(why)
+    fitting = sorted((e for e in sel.early_exits if e.fits), key=lambda e: (-e.accuracy, e.mean_ms))
+    single = sel.choice
+    for i, e in enumerate(fitting):
+        rule = (f"θ = {e.row['theta']:g}: mean {_ms(e.mean_ms)} ms <= {_ms(lim.latency_ms)} ms (early exit is "
+                "judged by mean latency, single artifacts by p90)")
+        tail = f"; p90 {_ms(e.row['p90_ms'])} ms; {e.worst_case()}" + (
+            f" (over the {_ms(lim.latency_ms)} ms budget)" if e.worst["p90"] > lim.latency_ms else "") + (
+            f"; {'; '.join(e.notes)}" if e.notes else "")
+        if i == 0 and (single is None or e.accuracy > single.accuracy):
+            than = ("no single artifact fits" if single is None else
+                    f"more accurate than the best single artifact, {single.label} ({single.accuracy:.2f}%)")
+            e.verdict = f"chosen: {rule}; {than}{tail}"
+            for c in sel.candidates:   # the single artifacts' verdicts said "the choice" of the single best
+                if c.fits and not c.verdict.startswith("dominated"):
+                    c.verdict = f"fits, less accurate than the choice ({c.accuracy:.2f}% < {e.accuracy:.2f}%)"
+            if single is not None:
+                single.verdict = (f"fits, but the early-exit ensemble is more accurate ({e.accuracy:.2f}% at mean "
+                                  f"{_ms(e.mean_ms)} ms)")
+            sel.choice = e
+            sel.explanation = (f"{e.label}: {e.accuracy:.2f}% on {e.result['images']} test images in "
+                               f"{e.result.get('runtime', 'the runtime')}, {rule}{tail}; "
+                               f"{e.bytes / 1024:.1f} KiB in {len(e.result['files'])} files; {lim.describe()}")
+        elif i == 0:
+            e.verdict = (f"fits ({rule}), but not more accurate than {single.label} ({e.accuracy:.2f}% <= "
+                         f"{single.accuracy:.2f}%), which meets the budget at p90: a tie goes to the single "
+                         f"artifact{tail}")
+        else:
+            e.verdict = f"fits ({rule}), less accurate than {fitting[0].label}{tail}"

@@ -1,0 +1,89 @@
+"""Export verification's pass rule for fp32 targets: |out - ref| <= max_abs_diff + max_rel_diff * |ref| per logit.
+
+The "runtime" here is the same student evaluated in float64 and rounded to float32: its differences from the
+float32 PyTorch model are float rounding and nothing else, the situation of an fp32 export of a model with
+large logits. A perturbed weight is the real mismatch that must still fail."""
+
+import copy
+
+import pytest
+import torch
+
+from edgepkd.compress.targets import ExportTarget, VerifyConfig
+from edgepkd.compress.verify import verify
+from edgepkd.config import from_dict
+from edgepkd.errors import ConfigError
+from edgepkd.models import build_model
+
+
+class Float64Runner:
+    runtime, version = "torch-float64", torch.__version__
+
+    def __init__(self, model):
+        self.model = copy.deepcopy(model).double().eval()
+
+    def __call__(self, x):                                           # (1, C, H, W) float32 -> (1, K)
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x).double()).float().numpy()
+
+
+def target(**verify_keys) -> ExportTarget:
+    return ExportTarget("t", "onnx", "fp32", verify=VerifyConfig(**verify_keys))
+
+
+@pytest.fixture(scope="module")
+def scaled_student():
+    """A small Mamba student whose logits are scaled x1000 (head weight and bias), and test images."""
+    torch.manual_seed(0)
+    model = build_model("mamba", {"d_model": 16, "depth": 1, "d_state": 4, "patch_size": 2}, 10, 1, 8).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(1000.0)
+        model.head.bias.mul_(1000.0)
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    return model, x, y
+
+
+def test_large_logits_pass_with_the_relative_bound_and_a_real_mismatch_still_fails(scaled_student):
+    model, x, y = scaled_student
+    runner = Float64Runner(model)
+    absolute = verify(runner, model, x, y, target(max_abs_diff=1e-4))
+    print("max |diff|", absolute.max_abs_diff, absolute.failures)
+    with torch.no_grad():
+        assert model(x).abs().max() > 100                            # the logits really are large
+    # float rounding alone breaks the absolute bound at this magnitude (the case MNIST's smallest students hit)
+    assert not absolute.passed and "|logit diff|" in absolute.failures[0]
+    relative = verify(runner, model, x, y, target(max_abs_diff=1e-4, max_rel_diff=1e-5))
+    assert relative.passed, relative.failures
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():                                            # one weight of the mixer, off by 1 %
+        broken.blocks[0].mixer.in_proj.weight[0, 0] *= 1.01
+    mismatch = verify(Float64Runner(broken), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=1e-5))
+    print("perturbed: max |diff|", mismatch.max_abs_diff, mismatch.failures)
+    assert not mismatch.passed and "·|ref|" in mismatch.failures[0]
+
+
+def test_a_nan_logit_fails_whatever_the_bounds(scaled_student):
+    model, x, y = scaled_student
+
+    class NaNRunner(Float64Runner):
+        def __call__(self, x):
+            out = super().__call__(x)
+            out[0, 3] = float("nan")
+            return out
+
+    v = verify(NaNRunner(model), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=0.5))
+    assert not v.passed
+
+
+def test_verify_config_checks_the_relative_bound_and_rejects_unknown_keys():
+    def load(**verify_keys):
+        return from_dict(ExportTarget, {"name": "t", "format": "onnx", "precision": "fp32", "verify": verify_keys},
+                         source="t.yaml")
+
+    assert load(max_abs_diff=1e-4, max_rel_diff=1e-5).verify.max_rel_diff == 1e-5
+    with pytest.raises(ConfigError, match=r"t.yaml: verify.max_rel_diff: must be in \[0, 1\)"):
+        load(max_abs_diff=1e-4, max_rel_diff=-1e-5)
+    with pytest.raises(ConfigError, match="verify.max_rel: unknown key; did you mean 'max_rel_diff'"):
+        load(max_abs_diff=1e-4, max_rel=1e-5)
