@@ -48,7 +48,7 @@ def file_stem(name: str) -> str:
 def require_runtime(target: ExportTarget) -> None:
     missing = target.export_format.missing()
     if "tflite_micro" in missing:
-        from edgepkd.measure.tflm import INSTALL
+        from edgepkd.compress.tflm import INSTALL
 
         raise EdgepkdError(f"export target '{target.name}' needs TFLite Micro's Python interpreter (tflite_micro): "
                            f"{INSTALL}" + (" and pip install -e '.[export]'" if len(missing) > 1 else ""))

@@ -2,7 +2,7 @@
 with the C/C++ sources an MCU firmware compiles next to it.
 
 Conversion is tflite_export's (PT2E int8 with litert-torch's quantizer, as tflite-int8-static); then the
-flatbuffer is edited for TFLite Micro and checked against its op set (``edgepkd.measure.tflm``):
+flatbuffer is edited for TFLite Micro and checked against its op set (``edgepkd.compress.tflm``):
   * every CONCATENATION of more than 10 inputs (TFLite Micro's kMaxInputNum) becomes a tree of concatenations of
     at most 10: the converter folds the scan's concat tree (models/scan.py ``_concat``) back into one L-input op;
   * an op TFLite Micro lacks is a one-line error naming it and the module its output came from (read from the
@@ -26,7 +26,7 @@ import numpy as np
 from edgepkd.compress import tflite_export
 from edgepkd.compress._native import quiet_native
 from edgepkd.errors import EdgepkdError
-from edgepkd.measure import tflm
+from edgepkd.compress import tflm
 
 read_metadata = tflite_export.read_metadata
 
@@ -59,15 +59,15 @@ def _builtin_names() -> dict[int, str]:
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
-def _module_of(name: str) -> str:
-    """The innermost module of a converter tensor name ('...MambaStudent/...Linear_head;...' -> 'head')."""
-    first = name.split(";")[0]
-    parts = [p for p in first.split("/") if p]
-    for part in reversed(parts):
-        m = re.match(r"^[\w.]+?\.(?:[A-Z]\w*)_(\w+)$", part)       # 'torch.nn.modules.linear.Linear_head'
-        if m:
-            return m.group(1).replace("_", ".") if not m.group(1).isdigit() else m.group(1)
-    return parts[-1] if parts else name
+def _module_of(name: str) -> str | None:
+    """The module a converter tensor name comes from: 'edgepkd.models.mamba.MambaStudent/torch.nn.modules.linear.
+    Linear_head;3' -> 'MambaStudent.head'; 'pkg.Soft;10' -> 'Soft' (the model's own forward); None for graph
+    inputs and outputs ('serving_default_...'), whose names carry no module."""
+    path = name.split(";")[0].split("/")
+    if "." not in path[0]:
+        return None
+    attrs = [seg.rsplit(".", 1)[-1].split("_", 1)[1] for seg in path[1:] if "_" in seg.rsplit(".", 1)[-1]]
+    return ".".join([path[0].rsplit(".", 1)[-1], *attrs])
 
 
 def check_ops(model, label: str) -> None:
@@ -83,13 +83,14 @@ def check_ops(model, label: str) -> None:
             too_wide = name == "CONCATENATION" and len(op.inputs) > tflm.MAX_CONCAT_INPUTS
             if name in tflm.TFLM_OPS and not too_wide:
                 continue
-            out = sub.tensors[op.outputs[0]].name if op.outputs is not None and len(op.outputs) else b""
-            out = out.decode() if isinstance(out, bytes) else str(out)
+            tensors = [*(op.outputs if op.outputs is not None else []), *(op.inputs if op.inputs is not None else [])]
+            names_seen = [sub.tensors[t].name for t in tensors if t >= 0]
+            module = next((m for m in (_module_of(n.decode() if isinstance(n, bytes) else str(n))
+                                       for n in names_seen) if m), "unknown")
             what = (f"CONCATENATION of {len(op.inputs)} inputs (TFLite Micro takes at most "
                     f"{tflm.MAX_CONCAT_INPUTS})" if too_wide else f"op {name}, which TFLite Micro does not have")
-            raise UnsupportedOp(f"{label}: the graph has {what}, from module '{_module_of(out)}' (output tensor "
-                                f"{out.split(';')[0][:120]!r}); express it with TFLite Micro's ops "
-                                f"({len(tflm.TFLM_OPS)} builtins, edgepkd/measure/tflm.py TFLM_OPS)")
+            raise UnsupportedOp(f"{label}: the graph has {what}, from module {module}; express it with TFLite "
+                                f"Micro's ops ({len(tflm.TFLM_OPS)} builtins, edgepkd/compress/tflm.py TFLM_OPS)")
 
 
 def split_concatenations(model, max_inputs: int) -> int:
@@ -160,11 +161,8 @@ class Runner:
     runtime = "tflite_micro"
 
     def __init__(self, path: Path):
-        try:
-            self.arena = tflm.find_arena(path)
-            self.model = tflm.TFLMModel(path, self.arena)
-        except tflm.TFLMError as e:
-            raise EdgepkdError(str(e)) from None
+        self.arena = tflm.find_arena(path)              # TFLMError (one line) when it does not load at all
+        self.model = tflm.TFLMModel(path, self.arena)
         self.version = self.model.version
         self.ops = tflm.op_names(Path(path).read_bytes())
 

@@ -9,7 +9,8 @@ TFLite Micro's builtin op set, finds the exact tensor arena by bisection, and ru
     problems(buf)               what TFLite Micro cannot run ([] when it runs): ops it lacks, oversized concats
     find_arena(path)            the smallest arena_size (bytes) that allocates and invokes
     TFLMModel(path, arena)      prepare / run / logits like runner.py's models, in TFLite Micro
-    measure(path, images, pre)  ops, arena, flash, top-1: what ``edgepkd bench`` reports for a tflite-micro device
+
+``edgepkd bench`` on a tflite-micro device (measure/bench.py) adds top-1 on the run's test images.
 
 Attempts at an arena size run in a child process each: TFLite Micro may abort the process when an arena is too
 small. The host interpreter allocates its arena with ``new uint8_t[]`` (16-byte aligned by glibc on x86_64 and
@@ -23,6 +24,8 @@ import json
 import os
 import subprocess
 import sys
+
+from edgepkd.errors import EdgepkdError
 
 INSTALL = "pip install tflite-micro"
 
@@ -67,8 +70,10 @@ MAX_CONCAT_INPUTS = 10
 ARENA_LIMIT = 64 * 1024 * 1024      # bisection gives up above this (no MCU has that much SRAM)
 
 
-class TFLMError(Exception):
+class TFLMError(EdgepkdError):
     """One line: TFLite Micro is missing, or cannot run an artifact."""
+
+    exit_code = 1
 
 
 def runtime():
@@ -246,40 +251,17 @@ class TFLMModel:
         return self.logits(self.run(self.prepare(x)))
 
 
-def measure(path, images=None, labels=None, preprocessing: dict | None = None) -> dict:
-    """What a tflite-micro device reports for ``path``, measured in TFLite Micro's interpreter on this host: its
-    ops and their coverage, the exact arena, the flash the model takes, and top-1 on ``images`` (uint8 (N, C, H,
-    W), preprocessed as ``preprocessing`` says) with ``labels``."""
-    import numpy as np  # noqa: F401  (runner.preprocess reads it from sys.modules)
-
-    from edgepkd.measure.runner import preprocess
-
-    with open(path, "rb") as f:
-        buf = f.read()
-    listed = ops(buf)
-    missing = problems(buf)
-    covered = sum(1 for name, _ in listed if name in TFLM_OPS)
-    if missing:
-        raise TFLMError(f"{os.path.basename(str(path))}: TFLite Micro cannot run it ({covered} of {len(listed)} "
-                        f"ops are TFLite Micro builtins): {', '.join(missing)}")
-    arena = find_arena(path)
-    out = {"ops": op_names(buf), "op_count": len(listed), "op_coverage": covered / len(listed) if listed else 1.0,
-           "arena_bytes": arena, "flash_bytes": len(buf) + (-len(buf)) % 16,
-           "flash_counts": "the model's byte array (the .tflite file, padded to 16 bytes); TFLite Micro's kernel "
-                           "code and the application are not counted",
-           "runtime": "tflite_micro", "runtime_version": version(), "accuracy": None}
-    if images is not None:
-        model = TFLMModel(path, arena)
-        x = preprocess(images, preprocessing or {})            # float32 (N, C, H, W)
-        pred = [int(model(x[i:i + 1]).argmax()) for i in range(len(x))]
-        correct = sum(int(p == int(y)) for p, y in zip(pred, labels))
-        out["accuracy"] = {"top1": 100.0 * correct / len(pred), "images": len(pred)}
-    return out
-
-
-if __name__ == "__main__":   # python -m edgepkd.measure.tflm MODEL.tflite: its ops, problems and exact arena
-    p = sys.argv[1]
-    with open(p, "rb") as fh:
-        blob = fh.read()
-    print(json.dumps({"ops": op_names(blob), "problems": problems(blob),
-                      "arena_bytes": None if problems(blob) else find_arena(p)}))
+if __name__ == "__main__":   # python -m edgepkd.compress.tflm MODEL.tflite: its ops, problems and exact arena
+    try:
+        with open(sys.argv[1], "rb") as fh:
+            blob = fh.read()
+        print(json.dumps({"ops": op_names(blob), "problems": problems(blob),
+                          "arena_bytes": None if problems(blob) else find_arena(sys.argv[1])}))
+    except (IndexError, OSError, TFLMError) as e:
+        detail = "usage: python -m edgepkd.compress.tflm MODEL.tflite" if isinstance(e, IndexError) else \
+            (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) else str(e))
+        print(f"edgepkd: error: {detail}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:   # not a flatbuffer: the schema's parser fails somewhere inside
+        print(f"edgepkd: error: {sys.argv[1]}: not a .tflite flatbuffer", file=sys.stderr)
+        sys.exit(2)
