@@ -29,7 +29,8 @@ examples:
   edgepkd export --list-targets
   edgepkd bench runs/digits --device host        time every exported TFLite model here (the latency table)
   edgepkd bench runs/digits --device host-executorch   the same for the ExecuTorch (.pte) exports
-  edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets
+  edgepkd export runs/digits --target tflite-micro-int8   TFLite Micro files + firmware sources (pip install tflite-micro)
+  edgepkd pick runs/digits --device cortex-m7    the most accurate model within the device's budgets (TFLite Micro arena)
   edgepkd early-exit runs/digits --target tflite-fp32 --device host   the ensemble member by member: θ sweep
   edgepkd distill recipes/digits.yaml --device host   recipe -> exported, benchmarked, picked artifact
   edgepkd evaluate runs/digits                   re-evaluate saved weights on the test split
@@ -404,12 +405,14 @@ def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
 
     Run each ARTIFACT (a file, an export folder, or a run directory: every export of the device's format and
     precisions) on the device of --device: locally, or over ssh (runner, artifacts and test images are copied
-    there, the JSON comes back), or estimated from MACs for devices with connect: none. Batch 1: warm-up >= 1 run
+    there, the JSON comes back), or estimated from MACs for devices with connect: none; runtime tflite-micro runs
+    each file in TFLite Micro's interpreter here (op coverage, exact arena, flash, top-1; latency estimated). Batch 1: warm-up >= 1 run
     and 0.5 s, then >= --min-runs runs and --min-seconds (TFLite benchmark_model's defaults); p50/p90/p99, load
     time, RAM, top-1 on the run's test images.
 
-    RAM is the model's peak-RSS growth (measured) or the sum of its non-constant tensors (estimated); storage is
-    the file size. Results: RUN/bench/DEVICE.json, written after each artifact.
+    RAM is the model's peak-RSS growth (measured), the exact TFLite Micro arena (tflite-micro), or the sum of its
+    non-constant tensors (estimated); storage is the file size. Results: RUN/bench/DEVICE.json, written after each
+    artifact.
     """
     from edgepkd.measure.devices import load_devices
 
@@ -431,7 +434,9 @@ def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
     opts = _bench_options(**options)
     arts = resolve(list(artifacts), profile)
     log = _stderr if as_json else print
-    log(f"bench on '{profile.name}': {len(arts)} artifact(s)" + (" (estimated)" if profile.estimated else ""))
+    log(f"bench on '{profile.name}': {len(arts)} artifact(s)" +
+        (" (TFLite Micro on this host; latency estimated)" if profile.runtime == "tflite-micro"
+         else " (estimated)" if profile.estimated else ""))
     outcome = run_bench(arts, profile, opts, log=log)
     if as_json:
         print(json.dumps([{**r, "key": a.key} for a, r in outcome.results], indent=2))
@@ -466,8 +471,8 @@ def pick(run, device, latency_ms, min_accuracy, no_bench, early_exit, devices_di
     prints the table with the choice marked and why each other candidate lost, writes RUN/selection.json. When
     nothing fits it names the binding budget and what the closest candidate needs, and exits 1.
 
-    Budgets: latency = p90; RAM = the model's peak-RSS growth (measured) or the sum of its non-constant tensors
-    (estimated); storage = the artifact's bytes.
+    Budgets: latency = p90; RAM = the model's peak-RSS growth (measured), the exact TFLite Micro arena
+    (tflite-micro), or the sum of its non-constant tensors (estimated); storage = the artifact's bytes.
 
     Early exit: when edgepkd early-exit measured the run's ensemble for this device's format
     (RUN/bench/early-exit-TARGET.json), it competes at the most accurate θ whose MEAN latency meets the latency

@@ -33,6 +33,10 @@ from edgepkd.measure.devices import MIB, load_devices  # noqa: E402
 
 RUNNER = Path(runner_module.__file__)
 FAST = ["--min-runs", "3", "--min-seconds", "0"]
+# an estimated TFLite device (connect: none): cortex-m7 runs TFLite Micro instead, tested in test_tflm.py
+MCU = {"runtime": "tflite", "connect": "none", "precisions": ["fp32", "int8"],
+       "calibration": {"macs_per_second": 2.3e8, "source": "test"},
+       "budget": {"latency_ms": 50, "ram_mib": 0.25, "storage_mib": 1.0}}
 
 
 @pytest.fixture(scope="module")
@@ -223,11 +227,12 @@ def test_changed_or_truncated_artifact_is_refused_and_results_stay(run_copy, tmp
     """bench, pick and the runner compare each artifact with its manifest (size, sha256) before using it: a file
     changed after export is refused in one line naming it and saying how to re-export it, and the earlier bench
     results and selection stay byte-identical. The re-export it names makes it usable again."""
+    mcu = ["--device", "mcu-estimated", "--devices-dir", str(devices_dir(tmp_path, **{"mcu-estimated": MCU}))]
     assert main(["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST]) == 0
-    assert main(["pick", str(run_copy), "--device", "cortex-m7"]) == 0
+    assert main(["pick", str(run_copy), *mcu]) == 0
     capsys.readouterr()
     before = results_of(run_copy)
-    assert sorted(before) == ["bench/cortex-m7.json", "bench/host.json", "selection.json"]
+    assert sorted(before) == ["bench/host.json", "bench/mcu-estimated.json", "selection.json"]
     path = run_copy / "export" / "tflite-fp32" / "chain-s1.tflite"
     blob = path.read_bytes()
     if tamper == "one byte changed":
@@ -245,10 +250,10 @@ def test_changed_or_truncated_artifact_is_refused_and_results_stay(run_copy, tmp
     cases = [
         ["bench", str(run_copy), "--device", "host", *FAST],           # a run directory
         ["bench", str(path), "--device", "host", *FAST],               # the file itself
-        ["bench", str(run_copy), "--device", "cortex-m7"],             # estimated: never run, still checked
+        ["bench", str(run_copy), *mcu],                                # estimated: never run, still checked
         ["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", "--no-bench"],  # results are current
         ["pick", str(run_copy), "--device", "host", "--latency-ms", "1000", *FAST],
-        ["pick", str(run_copy), "--device", "cortex-m7"],
+        ["pick", str(run_copy), *mcu],
     ]
     for args in cases:
         assert main(args) == 2, args
@@ -277,12 +282,13 @@ def test_device_without_numpy_is_one_line(run_copy, tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------------------------- bench: estimated
-def test_estimated_device_is_marked_and_follows_the_calibration(run_copy, capsys):
-    assert main(["bench", str(run_copy), "--device", "cortex-m7"]) == 0
+def test_estimated_device_is_marked_and_follows_the_calibration(run_copy, tmp_path, capsys):
+    folder = devices_dir(tmp_path, **{"mcu-estimated": MCU})
+    assert main(["bench", str(run_copy), "--device", "mcu-estimated", "--devices-dir", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "ESTIMATED" in out and " est." in out
-    rate = load_devices().get("cortex-m7").calibration.macs_per_second
-    stored = json.loads((run_copy / "bench" / "cortex-m7.json").read_text())
+    rate = MCU["calibration"]["macs_per_second"]
+    stored = json.loads((run_copy / "bench" / "mcu-estimated.json").read_text())
     assert stored["results"]
     for key, r in stored["results"].items():
         target, file = key.split("/")

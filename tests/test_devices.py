@@ -42,6 +42,7 @@ def test_shipped_profiles_load_and_are_listed(capsys):
     assert devices.get("android-pixel").ssh_target()[2] == 8022
     m7 = devices.get("cortex-m7")
     assert m7.estimated and m7.calibration.macs_per_second and m7.calibration.source
+    assert (m7.runtime, m7.format) == ("tflite-micro", "tflite-micro")   # measured in TFLite Micro, latency estimated
     assert main(["bench", "--list-devices"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in SHIPPED) and "estimated" in out
@@ -75,6 +76,7 @@ def test_profile_name_must_match_file(tmp_path):
     ({"budget": {"latency_ms": 0, "ram_mib": 1, "storage_mib": 1}}, "budget.latency_ms: must be positive"),
     ({"precisions": ["fp16"]}, "precisions.0: 'fp16' is not allowed"),
     ({"ssh": {"options": ["-v"]}}, "ssh.options.0: expected KEY=VALUE"),
+    ({"runtime": "tflite-micro"}, "connect: runtime tflite-micro runs TFLite Micro's interpreter on this host"),
     ({"runtime": "executorch", "connect": "none", "calibration": {"macs_per_second": 1e9}},
      "connect: estimated devices (connect: none) read activation sizes from .tflite or .onnx graphs"),
 ])

@@ -47,6 +47,11 @@ def file_stem(name: str) -> str:
 
 def require_runtime(target: ExportTarget) -> None:
     missing = target.export_format.missing()
+    if "tflite_micro" in missing:
+        from edgepkd.compress.tflm import INSTALL
+
+        raise EdgepkdError(f"export target '{target.name}' needs TFLite Micro's Python interpreter (tflite_micro): "
+                           f"{INSTALL}" + (" and pip install -e '.[export]'" if len(missing) > 1 else ""))
     if missing:
         raise EdgepkdError(f"export target '{target.name}' needs {', '.join(missing)}: "
                            "pip install -e '.[export]' (or pip install 'edgepkd[export]')")
@@ -191,6 +196,11 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                                     "this check)")
         entry = _entry(tmp, c, target, runner, meta, result)
         entry["file"] = final.name
+        try:
+            entry.update(fmt.companions(tmp, final, runner, entry))   # e.g. tflite-micro's firmware sources
+        except BaseException:
+            _cleanup(tmp)
+            raise
         os.replace(tmp, final)
         entries.append(entry)
         # the manifest follows every replaced file at once, so it never describes an older artifact

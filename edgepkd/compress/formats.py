@@ -24,7 +24,8 @@ class ExportFormat:
     needs: tuple[str, ...]          # modules the export and its verification need (all in the 'export' extra)
     methods: tuple[str, ...]        # the ``quantization.method`` values a target of this format accepts
     runtime: str | None             # the device runtime (a profile's ``runtime``) that runs it; None: no device
-    module: str                     # the exporter: export(), Runner (verification), read_metadata()
+    module: str                     # the exporter: export(), Runner (verification), read_metadata(); optional
+                                    # companions(): files written next to a verified artifact
 
     def missing(self) -> list[str]:
         """The needed modules this Python lacks."""
@@ -44,6 +45,12 @@ class ExportFormat:
     def read_metadata(self, path: Path) -> dict:
         """The metadata an artifact carries (preprocessing, labels, provenance)."""
         return self.exporter().read_metadata(path)
+
+    def companions(self, tmp: Path, final: Path, runner, entry: dict) -> dict:
+        """Once ``tmp`` passed verification (before it is renamed to ``final``): write the format's companion
+        files next to ``final`` and return the fields they add to the manifest entry ({} for most formats)."""
+        write = getattr(self.exporter(), "companions", None)
+        return write(tmp, final, runner, entry) if write is not None else {}
 
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -68,6 +75,16 @@ class TFLite(ExportFormat):
     needs = ("litert_torch", "ai_edge_litert")
     methods = ("none", "pt2e", "weights")
     module = "edgepkd.compress.tflite_export"
+
+
+@_register
+class TFLiteMicro(ExportFormat):
+    # the same flatbuffer as tflite, restricted to TFLite Micro's ops and verified in its interpreter; the C/C++
+    # firmware sources are written next to each file
+    name, suffix, runtime = "tflite-micro", ".tflite", "tflite-micro"
+    needs = ("litert_torch", "ai_edge_litert", "tflite_micro")
+    methods = ("none", "pt2e")
+    module = "edgepkd.compress.tflm_export"
 
 
 @_register

@@ -250,6 +250,11 @@ class BenchStore:
 def _settings(profile: DeviceProfile, opts: BenchOptions) -> dict:
     """What a result depends on besides the artifact: where and with which Python and threads it ran, or the
     calibration it was estimated from. A result with other settings is not current (pick benches again)."""
+    if profile.runtime == "tflite-micro":
+        from edgepkd.compress import tflm
+
+        return {"mode": "tflite-micro on this host, latency estimated", "runtime_version": tflm.version(),
+                "macs_per_second": profile.calibration.macs_per_second, "images": opts.images}
     if profile.estimated:
         return {"mode": "estimated", "macs_per_second": profile.calibration.macs_per_second}
     return {"mode": "measured", "connect": profile.connect, "python": device_python(profile, opts),
@@ -258,15 +263,17 @@ def _settings(profile: DeviceProfile, opts: BenchOptions) -> dict:
 
 # --------------------------------------------------------------------------------------------- measurement
 def ram_bytes(result: dict) -> int | None:
-    """The RAM figure budgets are checked against: measured, the model's peak-RSS growth; estimated, the
-    activation upper bound."""
+    """The RAM figure budgets are checked against: TFLite Micro, the measured arena; measured, the model's
+    peak-RSS growth; estimated, the activation upper bound."""
     mem = result.get("memory") or {}
+    if mem.get("arena_bytes") is not None:
+        return mem["arena_bytes"]
     return mem.get("activation_bytes") if result.get("estimated") else mem.get("model_rss_bytes")
 
 
 def activation_bytes(path: Path, fmt: str) -> int:
     """Sum of the non-constant tensors' bytes (an upper bound on the activation memory a runtime needs)."""
-    if fmt == "tflite":
+    if FORMATS.get(fmt).suffix == ".tflite":
         from edgepkd.measure.runner import tflite_activation_bytes
 
         return tflite_activation_bytes(path.read_bytes())
@@ -463,6 +470,10 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
         check_artifact(a)  # a truncated or changed file fails before anything runs or is written
     for a in arts:
         store_of(a)  # an unreadable bench file fails before anything runs
+    if profile.runtime == "tflite-micro":
+        _measure_tflm(arts, profile, opts, store_of, outcome, log)
+        _plot(stores.values())
+        return outcome
     if profile.estimated:
         for a in arts:
             result = estimate(a, profile)
@@ -486,6 +497,78 @@ def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=
             raise DeviceError(f"device '{profile.name}': the runner returned nothing for {', '.join(missing)}")
     _plot(stores.values())
     return outcome
+
+
+def tflm_measure(path, images=None, labels=None, preprocessing: dict | None = None) -> dict:
+    """What a tflite-micro device reports for ``path``, measured in TFLite Micro's interpreter on this host: its
+    ops and their coverage, the exact arena, the flash the model takes, and top-1 on ``images`` (uint8 (N, C, H,
+    W), preprocessed as ``preprocessing`` says) with ``labels``."""
+    import numpy as np  # noqa: F401  (runner.preprocess reads it from sys.modules)
+
+    from edgepkd.compress.tflm import TFLM_OPS, TFLMError, TFLMModel, find_arena, op_names, ops, problems, version
+    from edgepkd.measure.runner import preprocess
+
+    with open(path, "rb") as f:
+        buf = f.read()
+    listed = ops(buf)
+    missing = problems(buf)
+    covered = sum(1 for name, _ in listed if name in TFLM_OPS)
+    if missing:
+        raise TFLMError(f"{Path(path).name}: TFLite Micro cannot run it ({covered} of {len(listed)} "
+                        f"ops are TFLite Micro builtins): {', '.join(missing)}")
+    arena = find_arena(path)
+    out = {"ops": op_names(buf), "op_count": len(listed), "op_coverage": covered / len(listed) if listed else 1.0,
+           "arena_bytes": arena, "flash_bytes": len(buf) + (-len(buf)) % 16,
+           "flash_counts": "the model's byte array (the .tflite file, padded to 16 bytes); TFLite Micro's kernel "
+                           "code and the application are not counted",
+           "runtime": "tflite_micro", "runtime_version": version(), "accuracy": None}
+    if images is not None:
+        model = TFLMModel(path, arena)
+        x = preprocess(images, preprocessing or {})            # float32 (N, C, H, W)
+        pred = [int(model(x[i:i + 1]).argmax()) for i in range(len(x))]
+        correct = sum(int(p == int(y)) for p, y in zip(pred, labels))
+        out["accuracy"] = {"top1": 100.0 * correct / len(pred), "images": len(pred)}
+    return out
+
+
+def _measure_tflm(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, store_of, outcome: Outcome,
+                  log) -> None:
+    """runtime tflite-micro: each artifact in TFLite Micro's interpreter on this host (edgepkd.compress.tflm): op
+    coverage, the exact arena (RAM), flash, top-1 on the run's test images; latency estimated from MACs."""
+    import numpy as np
+
+    from edgepkd.compress import tflm
+
+    tflm.runtime()                                      # missing tflite-micro: one line, nothing recorded
+    images: dict[Path | None, tuple] = {}
+    for a in arts:
+        if a.run not in images:
+            if opts.images and a.run is not None:
+                with np.load(test_images(a.run, opts.data_dir, log)) as f:
+                    images[a.run] = (f["images"], f["labels"])
+            else:
+                images[a.run] = (None, None)
+        try:
+            measured = tflm_measure(a.path, *images[a.run], preprocessing=a.entry.get("preprocessing"))
+        except tflm.TFLMError as e:
+            store_of(a).record(a, None, str(e))
+            outcome.errors.append((a, str(e)))
+            log(f"  {a.key:<34} cannot run: {e}")
+            continue
+        result = estimate(a, profile)
+        result.update({k: measured[k] for k in ("ops", "op_count", "op_coverage", "flash_bytes", "flash_counts",
+                                                "runtime", "runtime_version", "accuracy")})
+        result["memory"]["arena_bytes"] = measured["arena_bytes"]
+        result["method"] = (f"TFLite Micro {measured['runtime_version']} on this host: ops, arena (smallest "
+                            "arena_size that allocates and invokes, by bisection), flash (" +
+                            measured["flash_counts"] + ") and top-1 measured; " +
+                            result["method"].split(";")[0] + " (estimated)")
+        store_of(a).record(a, result)
+        outcome.results.append((a, result))
+        acc = measured["accuracy"]
+        log(f"  {a.key:<34} ops {measured['op_count']} ({100 * measured['op_coverage']:.0f} % TFLite Micro "
+            f"builtins), arena {measured['arena_bytes']:,} B, flash {measured['flash_bytes']:,} B" +
+            (f", top-1 {acc['top1']:.2f}%" if acc else ""))
 
 
 def _plot(stores) -> None:
@@ -537,7 +620,11 @@ def render(outcome: Outcome, profile: DeviceProfile) -> str:
                      "-" if ram is None else f"{ram / MIB:.2f}", f"{r['bytes'] / 1024:.1f}",
                      "-" if acc is None else f"{acc['top1']:.2f}", "-" if ver is None else f"{ver:.2f}"])
     first = outcome.results[0][1] if outcome.results else {}
-    if profile.estimated:
+    if profile.runtime == "tflite-micro":
+        head = (f"device '{profile.name}': TFLite Micro {first.get('runtime_version')} on this host: RAM = the "
+                "measured arena, top-1 measured; latency ESTIMATED = MAC-equivalents / "
+                f"{profile.calibration.macs_per_second:.4g} MAC/s")
+    elif profile.estimated:
         head = (f"device '{profile.name}': ESTIMATED (not run): latency = MAC-equivalents / "
                 f"{profile.calibration.macs_per_second:.4g} MAC/s; RAM = activation upper bound")
     else:

@@ -30,7 +30,8 @@ MIB = 1024 * 1024
 @dataclass
 class Budget:
     latency_ms: float       # p90 of batch-1 latency (MLPerf single-stream's metric)
-    ram_mib: float          # measured: the model's peak-RSS growth; estimated: the activation upper bound
+    ram_mib: float          # measured: the model's peak-RSS growth; tflite-micro: the measured arena;
+                            # estimated: the activation upper bound
     storage_mib: float      # the artifact file's bytes
 
     def __post_init__(self):
@@ -87,6 +88,9 @@ class DeviceProfile:
         check(self.connect != "none" or self.calibration.macs_per_second is not None,
               "calibration.macs_per_second", "a device with connect: none can only be estimated; give its "
               "calibrated MAC/s (e.g. a published benchmark's MACs / latency)")
+        check(self.runtime != "tflite-micro" or self.connect == "none", "connect",
+              "runtime tflite-micro runs TFLite Micro's interpreter on this host (no board is reached) and "
+              "estimates latency: use connect: none with calibration.macs_per_second")
         check(self.connect != "none" or self.runtime != "executorch", "connect",
               "estimated devices (connect: none) read activation sizes from .tflite or .onnx graphs; an "
               "executorch device must be measured (local or ssh://)")

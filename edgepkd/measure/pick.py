@@ -123,7 +123,9 @@ class Selection:
 
     def as_dict(self) -> dict:
         p = self.profile
-        return {"device": p.name, "mode": "estimated" if p.estimated else "measured", "runtime": p.runtime,
+        mode = ("tflite-micro: arena and accuracy measured, latency estimated" if p.runtime == "tflite-micro"
+                else "estimated" if p.estimated else "measured")
+        return {"device": p.name, "mode": mode, "runtime": p.runtime,
                 "threads": p.threads, "connect": p.connect,
                 "budget": {"latency_p90_ms": self.limits.latency_ms, "ram_mib": self.limits.ram_mib,
                            "storage_mib": self.limits.storage_mib, "min_accuracy": self.limits.min_accuracy},
@@ -315,7 +317,8 @@ def record(sel: Selection, run: Path) -> Selection:
 
 def render(sel: Selection) -> str:
     p = sel.profile
-    mode = "ESTIMATED" if p.estimated else f"measured, {p.threads} thread(s)"
+    mode = ("TFLite Micro on this host: RAM (arena) and accuracy measured, latency ESTIMATED"
+            if p.runtime == "tflite-micro" else "ESTIMATED" if p.estimated else f"measured, {p.threads} thread(s)")
     rows = []
     order = sorted(sel.candidates, key=lambda c: (c is not sel.choice, -(c.accuracy or -1),
                                                    c.p90 if c.result else float("inf")))
