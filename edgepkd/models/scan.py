@@ -68,12 +68,13 @@ def _per_channel(u, delta, A, B, delta_bias):
     return delta, A, delta_bias
 
 
-def _step_size(delta, delta_bias, delta_softplus) -> torch.Tensor:
-    """fp32 step size dt = softplus?(delta + delta_bias): (B, D, L)."""
+def _step_size(delta, delta_bias, delta_softplus, softplus=F.softplus) -> torch.Tensor:
+    """fp32 step size dt = softplus?(delta + delta_bias): (B, H, L). The export forms pass
+    ``softplus_exportable`` (no SELECT in the graph)."""
     delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
-    return F.softplus(delta) if delta_softplus else delta
+    return softplus(delta) if delta_softplus else delta
 
 
 def _skip_and_gate(y, u, D, z, dtype) -> torch.Tensor:
@@ -136,10 +137,7 @@ def selective_scan_unrolled(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     concatenations; the contraction with C runs over the contiguous last axis. Same math as 'torch', within
     float rounding (tests check it against the reference)."""
     delta, A, delta_bias = _per_channel(u, delta, A, B, delta_bias)
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    dt = softplus_exportable(delta) if delta_softplus else delta         # (B, D, L)
+    dt = _step_size(delta, delta_bias, delta_softplus, softplus_exportable)  # (B, D, L)
     dt_l = dt.permute(2, 0, 1).unsqueeze(-1)                            # (L, B, D, 1)
     dA = torch.exp(dt_l * A.float())                                    # (L, B, D, N)
     x = (dt_l * u.float().permute(2, 0, 1).unsqueeze(-1)) * B.float().permute(2, 0, 1).unsqueeze(2)  # (L, B, D, N)
@@ -216,10 +214,7 @@ def selective_scan_ssd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if dim % heads:
         raise ValueError(f"delta has {heads} heads, which do not divide the {dim} channels of u")
     p = dim // heads
-    dt = delta.float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
-    dt = softplus_exportable(dt) if delta_softplus else dt              # (B, H, L)
+    dt = _step_size(delta, delta_bias, delta_softplus, softplus_exportable)  # (B, H, L)
     segments, mask = (torch.tensor(c, device=u.device) for c in _causal_arrays(length))
     seg = ((dt * A.float()) @ segments).unflatten(-1, (length, length))  # (B, H, L_t, L_s): S_t - S_s for s < t
     M = torch.exp(seg + mask)                                           # (B, H, L_t, L_s) causal decay
