@@ -5,7 +5,8 @@
 
 For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/) to
 TFLite (fp32, int8-static) and ONNX (fp32, int8); the fp32 targets also with the previous export form of the scan
-(``--before-scan``, default 'torch': the reference's own layout) so that before and after are measured in the
+(``--before-scan``, default 'torch': the reference's own layout; 'default-form': ONNX also without its entry in
+``edgepkd.models.mamba.EXPORT_FORMS``, i.e. as TFLite exports it) so that before and after are measured in the
 same run; ``--before-rev REV`` adds the students of the run's recipe at that git revision (random weights, fp32,
 the previous scan form), e.g. the students before issue #13. Every artifact is then timed in its own runtime (ai_edge_litert's interpreter with XNNPACK,
 onnxruntime's CPU EP), 1 thread, batch 1, one standard-normal input, in ``--rounds`` interleaved rounds of
@@ -46,6 +47,7 @@ from edgepkd.measure.runner import OnnxModel, TFLiteModel  # noqa: E402
 from edgepkd.report import load_metrics  # noqa: E402
 
 TARGETS = ["tflite-fp32", "tflite-int8-static", "onnx-fp32", "onnx-int8"]
+DEFAULT_FORM = "default-form"  # --before-scan value: the format's export form without its EXPORT_FORMS entry
 MODELS = {"tflite": TFLiteModel, "onnx": OnnxModel}
 
 
@@ -53,19 +55,30 @@ def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: 
                targets: list[str] = TARGETS) -> list[dict]:
     """Export ``models`` for every target (and the fp32 targets with ``before_scan``); manifest entries with
     the target's base name and scan form added."""
+    from edgepkd.models import mamba
+
     registry = load_targets()
     variants = []
     for name in targets:
         base = registry.get(name)
-        scans = [base.scan] + ([before_scan] if before_scan and base.precision == "fp32" else [])
+        before = before_scan if before_scan != DEFAULT_FORM or base.format in mamba.EXPORT_FORMS else None
+        scans = [base.scan] + ([before] if before and base.precision == "fp32" else [])
         for scan in scans:
-            t = dataclasses.replace(base, name=f"speed-{name}" + ("" if scan == base.scan else f"-{scan}"), scan=scan)
+            t = dataclasses.replace(base, name=f"speed-{name}" + ("" if scan == base.scan else f"-{scan}"),
+                                    scan=base.scan if scan == DEFAULT_FORM else scan)
             t.verify = VerifyConfig(max_abs_diff=1e9, max_accuracy_drop=100.0)  # report every number, do not gate
             variants.append((t, name, scan))
     entries = []
     for t, name, scan in variants:
-        written, _ = export_targets(str(run), [t], models=models, data_dir=data_dir,
-                                    log=lambda line: print(line, file=sys.stderr) if ": exporting " in line else None)
+        forms = mamba.EXPORT_FORMS
+        if scan == DEFAULT_FORM:  # the form every format exported before EXPORT_FORMS (conv1d, 'ssd')
+            mamba.EXPORT_FORMS = {}
+        try:
+            written, _ = export_targets(str(run), [t], models=models, data_dir=data_dir,
+                                        log=lambda line: print(line, file=sys.stderr) if ": exporting " in line
+                                        else None)
+        finally:
+            mamba.EXPORT_FORMS = forms
         for e in written:
             entries.append({**e, "base_target": name, "scan": scan, "format": t.format,
                             "path": str(run / "export" / t.name / e["file"])})
@@ -235,8 +248,10 @@ def render(result: dict, env: dict, command: str, args) -> str:
              f"interleaved rounds of >= {args.min_seconds} s per artifact. p50: median of the per-round p50s; "
              "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
              "'eff.': GFLOP/s over the teacher's in the same target. Scan 'auto' is the targets' export form "
-             "('ssd' for headed students, else 'unrolled'), "
-             f"'{args.before_scan}' the form compared with it (before).", ""]
+             "('ssd' for headed students, else 'unrolled'; in ONNX 'ssd_matmul' and the conv as a (1, K) Conv2d, "
+             f"edgepkd.models.mamba.EXPORT_FORMS), '{args.before_scan}' the form compared with it (before"
+             + ("; 'default-form': ONNX without EXPORT_FORMS, i.e. 'ssd' and a Conv1d" if args.before_scan ==
+                DEFAULT_FORM else "") + ").", ""]
     for target in TARGETS:
         sel = [r for r in rows if r["base_target"] == target]
         if not sel:
@@ -276,7 +291,8 @@ def main() -> int:
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated (default: %(default)s)")
     ap.add_argument("--min-seconds", type=float, default=2.0, help="per artifact per round")
     ap.add_argument("--profile-runs", type=int, default=300)
-    ap.add_argument("--before-scan", default="torch", help="the fp32 targets also with this scan ('' for none)")
+    ap.add_argument("--before-scan", default="torch", help="the fp32 targets also with this scan ('' for none; "
+                    f"'{DEFAULT_FORM}': formats with an EXPORT_FORMS entry (ONNX) also without it)")
     ap.add_argument("--before-rev", help="also time the students of the run's recipe at this git revision (random "
                     "weights, fp32, --before-scan): the previous students, in the same rounds")
     args = ap.parse_args()

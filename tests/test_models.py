@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +178,34 @@ def test_ssd_export_is_one_xnnpack_partition_whose_ops_do_not_grow_with_length(t
         assert counts[patch, 4]["partitions"] == 1 and not counts[patch, 4]["outside_delegate"], counts[patch, 4]
     assert counts[1, 4]["ops"] == counts[2, 4]["ops"], counts          # ssd: the same graph at L = 16 and 64
     assert counts[1, None]["ops"] >= counts[2, None]["ops"] + 2 * (64 - 16), counts  # the step loop: per position
+
+
+def test_onnx_export_form_uses_a_2d_conv_and_a_matmul_for_c_b_and_restores_the_training_form(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = MambaStudent(10, 1, 8, d_model=16, depth=1, d_state=8, patch_size=2, heads=4).eval()
+    branch = model.blocks[0].mixer.fwd
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    graphs = {}
+    for fmt in ("onnx", "tflite"):
+        with export_mode(model, fmt=fmt), torch.no_grad():
+            assert (branch.scan_backend, branch.conv_form) == (
+                ("ssd_matmul", "conv2d") if fmt == "onnx" else ("ssd", "conv1d"))
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+            if fmt == "onnx":
+                path = tmp_path / "m.onnx"
+                torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, verbose=False)
+                graphs[fmt] = onnx.load(str(path)).graph
+    assert (branch.scan_backend, branch.conv_form) == ("auto", "conv1d")   # training form restored
+    convs = [n for n in graphs["onnx"].node if n.op_type == "Conv"]
+    kernel_ranks = {len(next(a.ints for a in n.attribute if a.name == "kernel_shape")) for n in convs}
+    assert kernel_ranks == {2}, kernel_ranks                       # patch embed and the (1, K) depthwise conv
+    matmul_of_activations = [n for n in graphs["onnx"].node if n.op_type == "MatMul"
+                             and not any(i in {t.name for t in graphs["onnx"].initializer} for i in n.input)]
+    assert len(matmul_of_activations) >= 2                        # C^T B and (G * M) @ (dt u)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)

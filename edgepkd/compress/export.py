@@ -170,7 +170,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                 "provenance": {"run": run.path.name, "recipe": recipe.name, "dataset": recipe.data.dataset,
                                "edgepkd_version": edgepkd.__version__, "torch_version": torch.__version__}}
         try:
-            with export_mode(net, scan=target.scan):
+            with export_mode(net, scan=target.scan, fmt=target.format):
                 fmt.export(net, example, tmp, target, calibration, meta)
             runner = fmt.runner(tmp)
             result = verify(runner, net, x_test, data.test.y, target) if do_verify else None

@@ -72,8 +72,9 @@ class ExportTarget:
     description: str = ""
     quantization: QuantConfig = field(default_factory=QuantConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    scan: Literal["auto", "unrolled", "ssd", "torch", "closed"] = "auto"  # exportable scan. auto: 'ssd' for
-                                           # headed students (batched matmuls), else 'unrolled' (the step loop in
+    scan: Literal["auto", "unrolled", "ssd", "ssd_matmul", "torch", "closed"] = "auto"  # exportable scan. auto:
+                                           # 'ssd' for headed students (batched matmuls; 'ssd_matmul' in ONNX),
+                                           # else 'unrolled' (the step loop in
                                            # a position-major layout, fastest in ORT/TFLite at image-sized L);
                                            # 'torch': the reference's own layout; 'closed': fewer ops, L times
                                            # the work

@@ -50,10 +50,16 @@ class SSMBranch(nn.Module):
         self.A_log = nn.Parameter(A_log)
         self.D = nn.Parameter(torch.ones(d_inner))
         self.scan_backend = "auto"
+        self.conv_form = "conv1d"  # export_mode may set 'conv2d' (the same weights, see ``EXPORT_FORMS``)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # x, z: (B, d_inner, L)
         x = F.pad(x, (self.conv1d.kernel_size[0] - 1, 0))                   # (B, d_inner, L + d_conv - 1)
-        x = F.silu(self.conv1d(x))                                          # (B, d_inner, L) causal
+        if self.conv_form == "conv2d":                                      # (B, d_inner, 1, L + d_conv - 1)
+            x = F.conv2d(x.unsqueeze(2), self.conv1d.weight.unsqueeze(2), self.conv1d.bias,
+                         groups=self.d_inner).squeeze(2)                    # (B, d_inner, L)
+        else:
+            x = self.conv1d(x)                                              # (B, d_inner, L)
+        x = F.silu(x)                                                       # (B, d_inner, L) causal
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (B, L, R), (B, L, N), (B, L, N)
         dt = self.dt_proj(dt).transpose(1, 2)                               # (B, H, L); H = d_inner or heads
@@ -163,30 +169,41 @@ def set_scan_backend(model: nn.Module, name: str) -> None:
             m.scan_backend = name
 
 
-EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "torch", "closed")
+EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "torch", "closed")
+
+# What an export format runs differently from the default form (measured in its runtime, issue #13; the same
+# math, the same weights). onnxruntime: the depthwise causal conv as a (1, K) Conv2d (its 1-D depthwise Conv took
+# 7.6 us for 96 channels x 16 positions, the 2-D one 3.9 us) and the headed scan's C^T B as one MatMul
+# ('ssd_matmul'). TFLite keeps the defaults: there a matmul of two activations leaves XNNPACK, and the conv is the
+# same DEPTHWISE_CONV_2D either way.
+EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_matmul"}}
 
 
-def export_scan(branch: SSMBranch, scan: str = "auto") -> str:
+def export_scan(branch: SSMBranch, scan: str = "auto", fmt: str | None = None) -> str:
     """The scan a branch exports with: 'auto' is 'ssd' for headed branches (one decay per head: batched
-    matmuls), else 'unrolled' (the step loop, laid out for device runtimes)."""
+    matmuls; ``EXPORT_FORMS`` may name another for ``fmt``), else 'unrolled' (the step loop, laid out for device
+    runtimes)."""
     if scan != "auto":
         return scan
-    return "ssd" if branch.heads is not None else "unrolled"
+    if branch.heads is None:
+        return "unrolled"
+    return EXPORT_FORMS.get(fmt, {}).get("headed_scan", "ssd")
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module, scan: str = "auto"):
-    """Use an exportable pure-PyTorch scan in every branch ('auto': each branch's device form, see
-    ``export_scan``; or 'unrolled', 'ssd', the reference 'torch', 'closed'), restoring each branch's backend
-    afterwards."""
+def export_mode(model: nn.Module, scan: str = "auto", fmt: str | None = None):
+    """Use an exportable pure-PyTorch scan in every branch ('auto': each branch's device form for export format
+    ``fmt``, see ``export_scan`` and ``EXPORT_FORMS``; or 'unrolled', 'ssd', 'ssd_matmul', the reference 'torch',
+    'closed'), restoring each branch's backend and conv form afterwards."""
     if scan not in EXPORTABLE_SCANS:
         raise ValueError(f"scan '{scan}' is not exportable (exportable: {', '.join(EXPORTABLE_SCANS)})")
     branches = [m for m in model.modules() if isinstance(m, SSMBranch)]
-    saved = [m.scan_backend for m in branches]
+    saved = [(m.scan_backend, m.conv_form) for m in branches]
     for m in branches:
-        m.scan_backend = export_scan(m, scan)
+        m.scan_backend = export_scan(m, scan, fmt)
+        m.conv_form = EXPORT_FORMS.get(fmt, {}).get("conv", "conv1d")
     try:
         yield model
     finally:
-        for m, name in zip(branches, saved):
-            m.scan_backend = name
+        for m, (name, conv) in zip(branches, saved):
+            m.scan_backend, m.conv_form = name, conv
