@@ -214,3 +214,36 @@ def test_choose_theta_meets_the_mean_budget_or_the_accuracy():
     assert choose(rows, mean_ms=0.05) is None
     assert choose(rows, min_accuracy=98.0)["theta"] == 0.9
     assert choose(rows)["theta"] == 1.0
+
+
+def test_early_exit_members_share_one_prepared_input_only_when_their_inputs_agree():
+    import numpy as np
+
+    from edgepkd.measure import early_exit as ee
+
+    class Fake:  # a runner model: io / prepare / run / logits, counting prepare calls
+        def __init__(self, scale, out):
+            self.scale, self.out, self.prepared = scale, np.asarray([out], dtype=np.float32), 0
+
+        def io(self):
+            return {"input": {"shape": [1, 1, 2, 2], "dtype": "int8", "quantization": {"scale": self.scale,
+                                                                                        "zero_point": 0}}}
+
+        def prepare(self, x):
+            self.prepared += 1
+            return np.round(x / self.scale).astype(np.int8)
+
+        def run(self, prepared):
+            return self.out + 0 * prepared.sum()
+
+        def logits(self, raw):
+            return raw
+
+    x = np.zeros((3, 1, 2, 2), dtype=np.float32)
+    same = [Fake(0.5, [1.0, 0.0]), Fake(0.5, [0.0, 2.0])]
+    tr = ee.trace(same, x, shrinkage=0.5, repeats=1)
+    assert [m.prepared for m in same] == [3, 0]                     # quantized once per image
+    np.testing.assert_array_equal(tr.pred[:, 1], [1, 1, 1])        # 0.5 * [1, 0] + [0, 2]
+    differ = [Fake(0.5, [1.0, 0.0]), Fake(0.25, [0.0, 2.0])]
+    ee.trace(differ, x, shrinkage=0.5, repeats=1)
+    assert [m.prepared for m in differ] == [3, 3]                   # each its own quantization

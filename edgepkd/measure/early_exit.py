@@ -7,7 +7,9 @@ first k whose confidence, the maximum softmax probability of P_k, is at least θ
 answer is the full prefix's.
 
 How it is timed: every image runs every member in order, and each member's step (input quantization, invoke,
-output dequantization, the combine and the confidence check) is timed as it ran. An image's latency at θ is the
+output dequantization, the combine and the confidence check) is timed as it ran. Members whose input tensors
+agree (shape, dtype, quantization: always, for members of one export target) share one prepared input, as a
+device would quantize the image once; its cost is in the first member's step. An image's latency at θ is the
 sum of its steps up to its exit member; a member after the exit would not have run. So one pass over the test
 split gives the whole θ sweep. A reference model (by default the most accurate single student in the same
 export folder) runs on the same image, just before the members or just after them, alternating per image, so
@@ -69,6 +71,7 @@ def _trace_once(members: list, x, shrinkage: float, reference=None) -> Trace:
     ref_s = np.zeros(n) if reference is not None else None
     ref_pred = np.zeros(n, dtype=np.int64) if reference is not None else None
     clock = time.perf_counter
+    shared = all(mdl.io()["input"] == members[0].io()["input"] for mdl in members)
 
     def run_reference(i):
         t0 = clock()
@@ -79,10 +82,12 @@ def _trace_once(members: list, x, shrinkage: float, reference=None) -> Trace:
     for i in range(n):
         if reference is not None and i % 2 == 0:
             run_reference(i)
-        prefix = None
+        prefix = inp = None
         for k, model in enumerate(members):
             t0 = clock()
-            f = model.logits(model.run(model.prepare(x[i:i + 1])))                 # (1, K)
+            if inp is None or not shared:
+                inp = model.prepare(x[i:i + 1])                                    # (1, C, H, W) runtime dtype
+            f = model.logits(model.run(inp))                                       # (1, K)
             prefix = f if prefix is None else combine([prefix, f], shrinkage)      # (1, K)
             c = confidence(prefix[0])
             step_s[i, k] = clock() - t0
