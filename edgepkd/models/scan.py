@@ -210,7 +210,9 @@ def _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
     seg = ((dt * A.float()) @ segments).unflatten(-1, (length, length))  # (B, H, L_t, L_s): S_t - S_s for s < t
     M = torch.exp(seg + mask)                                           # (B, H, L_t, L_s) causal decay
     G = gram(B.float(), C.float())                                      # (B, L_t, L_s): C_t . B_s
-    v = (u.float().reshape(bsz, heads, p, length) * dt.unsqueeze(2)).transpose(2, 3)  # (B, H, L_s, P)
+    # transpose before the multiply: TFLite's RESHAPE shares u's buffer, and a MUL on that alias may then be run
+    # in place by its builtin kernels, overwriting u, which the skip below still reads (XNNPACK is unaffected)
+    v = u.float().reshape(bsz, heads, p, length).transpose(2, 3) * dt.unsqueeze(-1)  # (B, H, L_s, P)
     y = ((M * G.unsqueeze(1)) @ v).transpose(2, 3).reshape(bsz, dim, length)  # (B, D, L)
     out = _skip_and_gate(y, u, D, z, u.dtype)                           # (B, D, L)
     if not return_last_state:
