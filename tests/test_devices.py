@@ -62,6 +62,7 @@ def test_shipped_profiles_load_and_are_listed(capsys):
     assert devices.get("android-pixel").ssh_target()[2] == 8022
     m7 = devices.get("cortex-m7")
     assert m7.estimated and m7.calibration.macs_per_second and m7.calibration.source
+    assert m7.calibration.per_op.clock_mhz == 280 and m7.calibration.per_op.source   # per-op for .tflite files
     assert (m7.runtime, m7.format) == ("tflite-micro", "tflite-micro")   # measured in TFLite Micro, latency estimated
     assert main(["bench", "--list-devices"]) == 0
     out = capsys.readouterr().out
