@@ -41,7 +41,8 @@ The shipped table (devices/cortex-m7.yaml, STM32H7A3), every number with where i
     90b983c2b3f1480642e040bbd2ddb37b998f3424, tensorflow/lite/kernels/internal/reference/): a MAC is one
     dependent accumulate, 3 cycles (0.333 MACs per cycle); elementwise 3 (two loads, the op, two clamps, a store:
     3 VFP ops and 6 register-port transfers over two ports); division 16 (DIV, SQRT: the divider's latency,
-    assumed not pipelined); transcendental 54 (EXP, LOG: newlib's expf, Arm optimized-routines,
+    assumed not pipelined); transcendental 54 (derived for EXP; LOG, TANH, ELU, SIN, COS ASSUMED the same:
+    newlib's expf, Arm optimized-routines,
     github.com/ARM-software/optimized-routines commit 04884bd04eac4b251da4026900010ea7d8850edc, math/expf.c, is a
     dependent chain of double-precision convert, multiply, add and subtract of the rounding shift, subtract, two
     multiply-adds, multiply, convert on the H7's double-precision FPU: 3+7+4+4+4+11+11+7+3 = 54; newlib builds it
