@@ -13,6 +13,26 @@ from edgepkd.measure.devices import BUILTIN_DIR, load_device, load_devices
 SHIPPED = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))   # every profile of the built-in devices/ folder
 GOOD = {"name": "mine", "runtime": "tflite", "connect": "local",
         "budget": {"latency_ms": 5, "ram_mib": 64, "storage_mib": 8}}
+RATES = {"conv_2d": 1.0, "depthwise_conv_2d": 1.0, "fully_connected": 1.0, "batch_matmul": 1.0}
+PER_OP = {"clock_mhz": 100, "int8": {"macs_per_cycle": dict(RATES), "cycles_per_element": {"elementwise": 2}},
+          "float32": {"macs_per_cycle": dict(RATES), "cycles_per_element": {"elementwise": 3, "transcendental": 50}}}
+
+
+def per_op(**changes) -> dict:
+    """An estimated TFLite profile with a per-op table, ``changes`` applied at dotted key paths of ``per_op``."""
+    import copy
+
+    table = copy.deepcopy(PER_OP)
+    for path, value in changes.items():
+        *parents, last = path.split("__")
+        node = table
+        for key in parents:
+            node = node[key]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    return {"connect": "none", "calibration": {"macs_per_second": 1e9, "per_op": table}}
 
 
 def write(folder, data, name="mine"):
@@ -42,6 +62,7 @@ def test_shipped_profiles_load_and_are_listed(capsys):
     assert devices.get("android-pixel").ssh_target()[2] == 8022
     m7 = devices.get("cortex-m7")
     assert m7.estimated and m7.calibration.macs_per_second and m7.calibration.source
+    assert m7.calibration.per_op.clock_mhz == 280 and m7.calibration.per_op.source   # per-op for .tflite files
     assert (m7.runtime, m7.format) == ("tflite-micro", "tflite-micro")   # measured in TFLite Micro, latency estimated
     assert main(["bench", "--list-devices"]) == 0
     out = capsys.readouterr().out
@@ -79,6 +100,22 @@ def test_profile_name_must_match_file(tmp_path):
     ({"runtime": "tflite-micro"}, "connect: runtime tflite-micro runs TFLite Micro's interpreter on this host"),
     ({"runtime": "executorch", "connect": "none", "calibration": {"macs_per_second": 1e9}},
      "connect: estimated devices (connect: none) read activation sizes from .tflite or .onnx graphs"),
+    # the per-op cycle table (edgepkd/measure/opcost.py): unknown keys, wrong values, and where it cannot apply
+    (per_op(int8__cycles_per_element__elementwse=2),
+     "calibration.per_op.int8.cycles_per_element.elementwse: unknown key; did you mean 'elementwise'?"),
+    (per_op(float32__macs_per_cycle__conv2d=1.0),
+     "calibration.per_op.float32.macs_per_cycle.conv2d: unknown key; did you mean 'conv_2d'?"),
+    (per_op(int16={"macs_per_cycle": RATES}), "calibration.per_op.int16: unknown key; did you mean 'int8'?"),
+    (per_op(float32__macs_per_cycle__conv_2d=0), "calibration.per_op.float32.macs_per_cycle.conv_2d: must be positive"),
+    (per_op(int8__cycles_per_element__movement=-1),
+     "calibration.per_op.int8.cycles_per_element.movement: must be zero or positive"),
+    (per_op(int8__macs_per_cycle__batch_matmul=None),
+     "calibration.per_op.int8.macs_per_cycle.batch_matmul: required key is missing"),
+    (per_op(clock_mhz="fast"), "calibration.per_op.clock_mhz: expected float, got 'fast'"),
+    ({**per_op(), "connect": "local"},
+     "calibration.per_op: only an estimated device (connect: none) uses a per-op cycle table"),
+    ({**per_op(), "runtime": "onnxruntime"},
+     "calibration.per_op: the per-op estimate reads .tflite operators; runtime onnxruntime runs .onnx files"),
 ])
 def test_malformed_profile_is_one_line(tmp_path, capsys, change, message):
     folder = write(tmp_path / "d", {**GOOD, **change})

@@ -60,7 +60,7 @@ def test_every_artifact_pick_can_choose_runs_in_tflite_micro(tflm_run, capsys):
         assert acc == pytest.approx(e["verification"]["accuracy"], abs=1e-9)
     assert main(["bench", str(run), "--device", "cortex-m7"]) == 0
     out = capsys.readouterr().out
-    assert "TFLite Micro" in out and "ESTIMATED" in out and " est." in out
+    assert "TFLite Micro" in out and "ESTIMATED (per-op)" in out and " est." in out
     stored = json.loads((run / "bench" / "cortex-m7.json").read_text())
     assert len(stored["results"]) == len(chosen) and not stored["errors"]
     for key, r in stored["results"].items():
@@ -68,6 +68,11 @@ def test_every_artifact_pick_can_choose_runs_in_tflite_micro(tflm_run, capsys):
         assert r["memory"]["arena_bytes"] == e["tflite_micro"]["arena_bytes"] and r["op_coverage"] == 1.0
         assert r["accuracy"]["top1"] == pytest.approx(e["verification"]["accuracy"], abs=1e-9)
         assert r["estimated"] is True and r["flash_bytes"] >= e["bytes"]
+        # latency per op (edgepkd/measure/opcost.py): the sum of the breakdown over the profile's clock
+        est = r["latency_estimate"]
+        assert est["method"] == "per-op" and "latency estimated (per-op)" in r["method"] and not est["not_modelled"]
+        assert sum(row["cycles"] for row in est["by_op"].values()) == pytest.approx(est["cycles"])
+        assert r["latency_ms"]["p50"] == pytest.approx(1e3 * est["cycles"] / (est["clock_mhz"] * 1e6))
     code = main(["pick", str(run), "--device", "cortex-m7"])
     assert code in (0, 1)                     # a choice, or nothing fits; either way judged on measured arenas
     sel = json.loads((run / "selection.json").read_text())["devices"]["cortex-m7"] if code == 0 else None

@@ -12,8 +12,12 @@ How a device is reached is its profile's ``connect``:
   * ``ssh://user@host[:port]``: runner, artifacts, manifests and test images are copied with ``scp`` into a
     temporary folder on the device, the runner runs there with the profile's ``python``, its JSON comes back,
     and the folder is removed (``ssh``/``scp`` with BatchMode, so a password prompt fails instead of hanging);
-  * ``none``: estimated, never run: latency = (FLOPs / 2) / the profile's calibrated MAC/s, RAM = the sum of
+  * ``none``: estimated, never run: latency = (FLOPs / 2) / the profile's calibrated MAC/s, or, for .tflite files
+    of a profile with ``calibration.per_op``, the sum of each operator's cycles from that table over the clock
+    (edgepkd/measure/opcost.py; the result's ``latency_estimate`` has the cycles by op type); RAM = the sum of
     the non-constant tensors (an upper bound on the activation memory), storage = the file's bytes.
+  * ``runtime: tflite-micro`` (with ``none``): each file runs in TFLite Micro's interpreter on this host for op
+    coverage, the exact arena, flash and top-1; latency is estimated as for ``none``.
 
 Every artifact is checked against its manifest entry (size and sha256) before anything runs or is written: a
 truncated or changed file stops the command with one line naming it (re-export it), and earlier results stay.
@@ -254,11 +258,19 @@ def _settings(profile: DeviceProfile, opts: BenchOptions) -> dict:
         from edgepkd.compress import tflm
 
         return {"mode": "tflite-micro on this host, latency estimated", "runtime_version": tflm.version(),
-                "macs_per_second": profile.calibration.macs_per_second, "images": opts.images}
+                "macs_per_second": profile.calibration.macs_per_second, "per_op": _per_op(profile),
+                "images": opts.images}
     if profile.estimated:
-        return {"mode": "estimated", "macs_per_second": profile.calibration.macs_per_second}
+        return {"mode": "estimated", "macs_per_second": profile.calibration.macs_per_second,
+                "per_op": _per_op(profile)}
     return {"mode": "measured", "connect": profile.connect, "python": device_python(profile, opts),
             "runtime": profile.runtime, "threads": opts.threads or profile.threads}
+
+
+def _per_op(profile: DeviceProfile) -> dict | None:
+    """The per-op cycle table a result was estimated with (None: FLOPs / MAC/s); a changed table re-estimates."""
+    table = profile.calibration.per_op
+    return None if table is None else {k: v for k, v in to_dict(table).items() if k != "source"}
 
 
 # --------------------------------------------------------------------------------------------- measurement
@@ -295,19 +307,41 @@ def activation_bytes(path: Path, fmt: str) -> int:
 
 
 def estimate(a: Artifact, profile: DeviceProfile) -> dict:
-    """Estimated figures: latency from FLOPs and the calibrated MAC/s; RAM from the artifact's tensors."""
+    """Estimated figures: latency per op from the .tflite's operators and the profile's cycle table
+    (``calibration.per_op``, edgepkd.measure.opcost), else from FLOPs and the calibrated MAC/s; RAM from the
+    artifact's tensors."""
     flops, macs = a.entry.get("flops"), a.entry.get("macs")
-    if flops is None and macs is None:
-        raise EdgepkdError(f"{a.path}: its manifest entry has no MACs or FLOPs to estimate from (export it again)")
-    mac_equivalents = flops / 2 if flops is not None else macs   # the scan's FLOPs count as half a MAC each
-    ms = 1e3 * mac_equivalents / profile.calibration.macs_per_second
+    cal = profile.calibration
+    flops_ms = None
+    if cal.macs_per_second is not None and (flops is not None or macs is not None):
+        mac_equivalents = flops / 2 if flops is not None else macs   # the scan's FLOPs count as half a MAC each
+        flops_ms = 1e3 * mac_equivalents / cal.macs_per_second
+    if cal.per_op is not None and a.path.suffix == ".tflite":
+        from edgepkd.measure import opcost
+
+        est = opcost.estimate(a.path.read_bytes(), cal.per_op)
+        ms = est["ms"]
+        skipped = ", ".join(f"{k} x{n}" for k, n in est["not_modelled"].items())
+        latency = (f"latency estimated (per-op): {sum(r['count'] for r in est['by_op'].values())} operators, MACs / "
+                   f"MACs-per-cycle and elements x cycles-per-element of calibration.per_op "
+                   f"({cal.per_op.source or 'profile'}), {est['cycles']:,.0f} cycles at {cal.per_op.clock_mhz:g} MHz"
+                   + (f"; not modelled (0 cycles): {skipped}" if skipped else ""))
+        detail = {"method": "per-op", "cycles": est["cycles"], "clock_mhz": est["clock_mhz"], "by_op": est["by_op"],
+                  "not_modelled": est["not_modelled"], "flops_ms": flops_ms}
+    else:
+        if flops_ms is None:
+            raise EdgepkdError(f"{a.path}: its manifest entry has no MACs or FLOPs to estimate from (export it "
+                               "again)")
+        ms = flops_ms
+        latency = (f"latency estimated (MACs): (FLOPs / 2 = {1e-3 * ms * cal.macs_per_second:,.0f} "
+                   f"MAC-equivalents) / {cal.macs_per_second:.4g} MAC/s ({cal.source or 'profile'})")
+        detail = {"method": "macs-per-second", "macs_per_second": cal.macs_per_second}
     return {
         "artifact": a.path.name, "format": a.entry["format"], "bytes": a.path.stat().st_size,
         "sha256": a.entry.get("sha256"), "model": a.entry.get("model"), "precision": a.entry.get("precision"),
         "estimated": True, "runtime": profile.runtime, "runtime_version": None, "threads": profile.threads,
-        "method": (f"latency = (FLOPs / 2 = {mac_equivalents:,.0f} MAC-equivalents) / "
-                   f"{profile.calibration.macs_per_second:.4g} MAC/s ({profile.calibration.source or 'profile'}); "
-                   "RAM = sum of non-constant tensor bytes (upper bound); storage = file bytes"),
+        "method": f"{latency}; RAM = sum of non-constant tensor bytes (upper bound); storage = file bytes",
+        "latency_method": latency, "latency_estimate": detail,
         "latency_ms": {"p50": ms, "p90": ms, "p99": ms, "mean": ms, "std": None, "min": ms, "max": ms},
         "memory": {"activation_bytes": activation_bytes(a.path, a.entry["format"]), "peak_rss_bytes": None,
                    "model_rss_bytes": None},
@@ -561,8 +595,7 @@ def _measure_tflm(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptio
         result["memory"]["arena_bytes"] = measured["arena_bytes"]
         result["method"] = (f"TFLite Micro {measured['runtime_version']} on this host: ops, arena (smallest "
                             "arena_size that allocates and invokes, by bisection), flash (" +
-                            measured["flash_counts"] + ") and top-1 measured; " +
-                            result["method"].split(";")[0] + " (estimated)")
+                            measured["flash_counts"] + ") and top-1 measured; " + result["latency_method"])
         store_of(a).record(a, result)
         outcome.results.append((a, result))
         acc = measured["accuracy"]
@@ -608,6 +641,16 @@ def _ms(v) -> str:
     return f"{v:.4f}" if v < 1 else f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
+def _latency_rule(profile: DeviceProfile) -> str:
+    table = profile.calibration.per_op
+    if table is not None:
+        return (f"(per-op) = sum of each operator's cycles (calibration.per_op: int8 conv "
+                f"{table.int8.macs_per_cycle.conv_2d:g} MACs/cycle, float32 MACs "
+                f"{table.float32.macs_per_cycle.fully_connected:.3g}/cycle, float ops per element) / "
+                f"{table.clock_mhz:g} MHz")
+    return f"(MACs) = MAC-equivalents / {profile.calibration.macs_per_second:.4g} MAC/s"
+
+
 def render(outcome: Outcome, profile: DeviceProfile) -> str:
     rows = []
     for a, r in sorted(outcome.results, key=lambda x: x[0].key):
@@ -622,11 +665,10 @@ def render(outcome: Outcome, profile: DeviceProfile) -> str:
     first = outcome.results[0][1] if outcome.results else {}
     if profile.runtime == "tflite-micro":
         head = (f"device '{profile.name}': TFLite Micro {first.get('runtime_version')} on this host: RAM = the "
-                "measured arena, top-1 measured; latency ESTIMATED = MAC-equivalents / "
-                f"{profile.calibration.macs_per_second:.4g} MAC/s")
+                f"measured arena, top-1 measured; latency ESTIMATED {_latency_rule(profile)}")
     elif profile.estimated:
-        head = (f"device '{profile.name}': ESTIMATED (not run): latency = MAC-equivalents / "
-                f"{profile.calibration.macs_per_second:.4g} MAC/s; RAM = activation upper bound")
+        head = (f"device '{profile.name}': ESTIMATED (not run): latency {_latency_rule(profile)}; RAM = activation "
+                "upper bound")
     else:
         threads = first.get("threads")
         head = (f"device '{profile.name}' ({profile.connect}): {first.get('runtime')} {first.get('runtime_version')}, "
