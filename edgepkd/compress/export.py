@@ -172,8 +172,8 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
         try:
             with export_mode(net, scan=target.scan):
                 fmt.export(net, example, tmp, target, calibration, meta)
-            runner = fmt.runner(tmp)
-            result = verify(runner, net, x_test, data.test.y, target) if do_verify else None
+            model = fmt.open(tmp)                                           # in its runtime
+            result = verify(model, net, x_test, data.test.y, target) if do_verify else None
         except EdgepkdError:
             _cleanup(tmp)
             raise
@@ -194,10 +194,10 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             raise VerificationError(f"{target.name}: {c.name} failed verification on {result.images} test "
                                     f"images: {'; '.join(result.failures)} (nothing written; --no-verify skips "
                                     "this check)")
-        entry = _entry(tmp, c, target, runner, meta, result)
+        entry = _entry(tmp, c, target, model, meta, result)
         entry["file"] = final.name
         try:
-            entry.update(fmt.companions(tmp, final, runner, entry))   # e.g. tflite-micro's firmware sources
+            entry.update(fmt.companions(tmp, final, model, entry))    # e.g. tflite-micro's firmware sources
         except BaseException:
             _cleanup(tmp)
             raise
@@ -232,8 +232,10 @@ def _cleanup(tmp: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _entry(path: Path, c: Candidate, target: ExportTarget, runner, meta: dict, result: Verification | None) -> dict:
-    io = getattr(runner, "io", lambda: {})()
+def _entry(path: Path, c: Candidate, target: ExportTarget, model, meta: dict,
+           result: Verification | None) -> dict:
+    # the runtime's dtypes and quantization; names and shapes are the model's (1, C, H, W) -> (1, K)
+    io = {side: {k: v for k, v in d.items() if k not in ("name", "shape")} for side, d in model.io().items()}
     return {
         "file": path.name, "model": c.name, "members": c.members, "target": target.name,
         "format": target.format, "precision": target.precision,

@@ -406,6 +406,8 @@ def _unreachable(profile: DeviceProfile, err: str) -> DeviceError:
 
 
 def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path | None, handle) -> None:
+    from edgepkd.measure.runner import device_files
+
     for tool in ("ssh", "scp"):
         if shutil.which(tool) is None:
             raise DeviceError(f"device '{profile.name}': '{tool}' not found; install the OpenSSH client "
@@ -424,7 +426,8 @@ def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path
     try:
         with tempfile.TemporaryDirectory(prefix="edgepkd-bench-") as tmp:
             stage = Path(tmp)
-            shutil.copy2(RUNNER, stage / "runner.py")
+            for file in device_files():             # runner.py and the runtimes.py beside it
+                shutil.copy2(file, stage / Path(file).name)
             for a in arts:
                 (stage / a.target).mkdir(exist_ok=True)
                 shutil.copy2(a.path, stage / a.target / a.path.name)
