@@ -457,7 +457,7 @@ def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path
         subprocess.run([*ssh, f"rm -rf {shlex.quote(remote)}"], capture_output=True, timeout=60)
 
 
-def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=print) -> Outcome:
+def bench_artifacts(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=print) -> Outcome:
     """Measure (or estimate) ``arts`` on ``profile``'s device; each result is stored as soon as it arrives."""
     outcome = Outcome()
     stores: dict[Path, BenchStore] = {}
@@ -611,7 +611,7 @@ def _ms(v) -> str:
     return f"{v:.4f}" if v < 1 else f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
-def render(outcome: Outcome, profile: DeviceProfile) -> str:
+def render_bench(outcome: Outcome, profile: DeviceProfile) -> str:
     rows = []
     for a, r in sorted(outcome.results, key=lambda x: x[0].key):
         lat, est = r["latency_ms"], r.get("estimated")

@@ -295,7 +295,7 @@ def load_result(path: Path) -> dict:
     return res
 
 
-def render(res: dict, picked: dict | None = None) -> str:
+def render_early_exit(res: dict, picked: dict | None = None) -> str:
     """The θ sweep as a table, the worst case (every member), and the reference beside it."""
     on = f" for device '{res['device']}'" if res.get("device") else ""
     lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}), {res['target']}, "

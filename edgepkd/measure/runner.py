@@ -269,7 +269,8 @@ def summarize(times: list) -> dict:
             "std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, "min": float(ms.min()), "max": float(ms.max())}
 
 
-def bench(path: str, args) -> dict:
+def measure_artifact(path: str, args) -> dict:
+    """The JSON object of one artifact (see the module docstring); RunnerError when it cannot run."""
     try:
         import numpy as np
     except ImportError:
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
             code, obj = _run_child(path, options)
         else:
             try:
-                code, obj = 0, bench(path, args)
+                code, obj = 0, measure_artifact(path, args)
             except RunnerError as e:
                 kind = ("environment" if isinstance(e, EnvironmentMissing) else
                         "integrity" if isinstance(e, ArtifactChanged) else "artifact")
