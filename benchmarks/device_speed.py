@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgepkd.compress.export import export_targets  # noqa: E402
 from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
-from edgepkd.measure.runner import OnnxModel, TFLiteModel  # noqa: E402
+from edgepkd.compress.runtimes import OnnxModel, TFLiteModel  # noqa: E402
 from edgepkd.report import load_metrics  # noqa: E402
 
 TARGETS = ["tflite-fp32", "tflite-int8-static", "onnx-fp32", "onnx-int8"]

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     # student), then measure
     res = workflow.early_exit(run, args.target, targets_dir=[args.targets_dir] if args.targets_dir else (),
                               repeats=args.repeats, limit=args.limit, data_dir=args.data_dir)
-    text = ee.render(res)
+    text = ee.render_early_exit(res)
     print(text)
     at = res.get("at_reference_accuracy")
     goal = at is not None and at["mean_ratio"] <= 0.7

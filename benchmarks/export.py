@@ -27,14 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgepkd.compress import onnx_export, tflite_export  # noqa: E402
 from edgepkd.compress.export import export_targets  # noqa: E402
+from edgepkd.compress.formats import FORMATS  # noqa: E402
 from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
 from edgepkd.report import load_metrics  # noqa: E402
 
 PAIRS = [("onnx-fp32", "onnx-int8"), ("onnx-fp32", "onnx-int8-dynamic"), ("onnx-fp32", "onnx-int8-weights"),
          ("tflite-fp32", "tflite-int8"), ("tflite-fp32", "tflite-int8-static"), ("tflite-fp32", "tflite-int8-weights")]
-RUNNERS = {"onnx": onnx_export.Runner, "tflite": tflite_export.Runner}
 
 
 @functools.cache
@@ -51,14 +50,14 @@ def constant_bytes(path: Path) -> int:
     return sum(len(b.data) for i, b in enumerate(model.buffers) if b.data is not None and i not in meta)
 
 
-def latency_ms(runner, shape, warmup=50, runs=200, min_seconds=1.0) -> float:
+def latency_ms(model, shape, warmup=50, runs=200, min_seconds=1.0) -> float:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(warmup):
-        runner(x)
+        model(x)
     times, start = [], time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
-        runner(x)
+        model(x)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -87,8 +86,8 @@ def bench_run(run: Path, students_only: bool = False, data_dir: str | None = Non
             # interleave: fp32, int8, fp32, int8 -> medians of medians, so drift hits both alike
             la, lb = [], []
             for _ in range(2):
-                la.append(latency_ms(RUNNERS[fmt](folder(fp32) / a["file"]), shape))
-                lb.append(latency_ms(RUNNERS[fmt](folder(int8) / b["file"]), shape))
+                la.append(latency_ms(FORMATS.get(fmt).open(folder(fp32) / a["file"]), shape))
+                lb.append(latency_ms(FORMATS.get(fmt).open(folder(int8) / b["file"]), shape))
             data = [constant_bytes(folder(fp32) / a["file"]), constant_bytes(folder(int8) / b["file"])]
             va, vb = a["verification"], b["verification"]
             rows.append({"model": model, "fp32": fp32, "int8": int8,

@@ -5,7 +5,8 @@ Layout, in pipeline order (each package imports only the ones before it):
     edgepkd/data.py        named datasets and deterministic splits
     edgepkd/models/        teachers, Mamba students, selective-scan backends, ensemble prefixes, FLOP counting
     edgepkd/distill/       losses, the training loop, chain / ensemble orchestration, metrics.json, evaluate
-    edgepkd/compress/      export targets, one exporter per format, verification, the manifest
+    edgepkd/compress/      export formats and targets, one exporter per format, the runtime adapters (export
+                           verification and the device runner run artifacts through them), the manifest
     edgepkd/measure/       device profiles, the standalone runner, bench, pick, the latency table
     edgepkd/workflow.py    the end-to-end chain: recipe -> run -> exports -> bench -> pick
     edgepkd/report.py      metrics.json -> report.md, the accuracy-vs-FLOPs plot, the console tables

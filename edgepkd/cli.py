@@ -277,15 +277,15 @@ def _distill(ctx, recipe, *, overrides, name, out, data_dir, resume, dry_run, as
 
 def _show_selection(choose, out) -> int:
     """Print a pick's table, then its answer as the last lines (``picked ...``, ``selection: ...``, the plot)."""
-    from edgepkd.measure.pick import NothingFits, render
+    from edgepkd.measure.pick import NothingFits, render_selection
 
     try:
         sel = choose()
     except NothingFits as e:
         if e.selection is not None:
-            out(render(e.selection))
+            out(render_selection(e.selection))
         raise
-    out(render(sel))
+    out(render_selection(sel))
     out(f"picked {sel.explanation}\nselection: {sel.path}" +
         (f"\nplot: {sel.plot} (accuracy vs p50 on '{sel.profile.name}')" if sel.plot else ""))
     return 0
@@ -429,7 +429,7 @@ def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
     if not artifacts:
         raise ConfigError("bench: give an artifact, an export folder or a run directory "
                           f"(e.g. edgepkd bench runs/digits --device {device})")
-    from edgepkd.measure.bench import bench as run_bench, render, resolve
+    from edgepkd.measure.bench import bench_artifacts, render_bench, resolve
 
     opts = _bench_options(**options)
     arts = resolve(list(artifacts), profile)
@@ -437,11 +437,11 @@ def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
     log(f"bench on '{profile.name}': {len(arts)} artifact(s)" +
         (" (TFLite Micro on this host; latency estimated)" if profile.runtime == "tflite-micro"
          else " (estimated)" if profile.estimated else ""))
-    outcome = run_bench(arts, profile, opts, log=log)
+    outcome = bench_artifacts(arts, profile, opts, log=log)
     if as_json:
         print(json.dumps([{**r, "key": a.key} for a, r in outcome.results], indent=2))
     elif outcome.results:
-        print(render(outcome, profile))
+        print(render_bench(outcome, profile))
     for run in sorted({str(a.run) for a, _ in outcome.results if a.run is not None}):
         log(f"results: {run}/bench/{profile.name}.json")
     if outcome.errors:
@@ -542,7 +542,7 @@ def early_exit(run, target, device, thetas, limit, repeats, reference, targets_d
     any export. Writes RUN/bench/early-exit-TARGET.json, which edgepkd pick reads to choose θ for a device.
     """
     from edgepkd import workflow
-    from edgepkd.measure.early_exit import render, result_path
+    from edgepkd.measure.early_exit import render_early_exit, result_path
 
     log = _stderr if as_json else print
     res = workflow.early_exit(run, target, device=device, devices_dir=devices_dir, targets_dir=targets_dir,
@@ -551,7 +551,7 @@ def early_exit(run, target, device, thetas, limit, repeats, reference, targets_d
     if as_json:
         print(json.dumps(res, indent=2))
     else:
-        print(render(res))
+        print(render_early_exit(res))
     from pathlib import Path
 
     log(f"results: {result_path(Path(run), res['target'])}")

@@ -134,7 +134,7 @@ def _distill_rank(recipe_arg: str | None, dist, *, overrides, out, name, data_di
             run.record_data_dir(root)
 
     dist.agree(lambda: create() if dist.is_main else None)
-    dist.agree(lambda: dist.is_main or run.recipe_path.is_file() or _unseen(run, dist))
+    dist.agree(lambda: dist.is_main or run.recipe_path.is_file() or _recipe_not_shared(run, dist))
     t0 = time.perf_counter()
     members = Distiller(recipe, data, run, reporter=reporter if dist.is_main else None, dist=dist).run_all(plan)
     if not dist.is_main:
@@ -145,7 +145,7 @@ def _distill_rank(recipe_arg: str | None, dist, *, overrides, out, name, data_di
     return Distilled(recipe, run, metrics)
 
 
-def _unseen(run, dist):
+def _recipe_not_shared(run, dist):
     raise RunError(f"rank {dist.rank} does not see {run.recipe_path}, which rank 0 wrote: put --out on a "
                    "filesystem that every machine of the run shares (ranks resume from the same checkpoint)")
 

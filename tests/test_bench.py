@@ -70,13 +70,17 @@ def run_runner(python: str, *args: str, cwd=None) -> tuple[int, list[dict], str]
         proc.stderr
 
 
-def test_runner_is_one_torch_free_file_matching_the_manifest(run_dir, tmp_path):
-    """Copied alone into an empty folder and run with torch and edgepkd made unimportable, the runner reproduces
-    the export's verified top-1 from raw uint8 test images, in both runtimes."""
+def test_runner_is_two_torch_free_files_matching_the_manifest(run_dir, tmp_path):
+    """The files bench copies to a device (runner.py and runtimes.py), alone in an empty folder and run with torch
+    and edgepkd made unimportable, reproduce the export's verified top-1 from raw uint8 test images, in both
+    runtimes."""
     images = write_images(run_dir, tmp_path / "test.npz")
     alone = tmp_path / "device"
     alone.mkdir()
-    shutil.copy(RUNNER, alone / "runner.py")
+    shipped = runner_module.device_files()
+    assert sorted(Path(f).name for f in shipped) == ["runner.py", "runtimes.py"]
+    for file in shipped:
+        shutil.copy(file, alone / Path(file).name)
     guard = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['edgepkd'] = None; "
              "sys.argv = ['runner.py'] + sys.argv[1:]; runpy.run_path('runner.py', run_name='__main__')")
     for target, file in (("tflite-fp32", "chain-s1.tflite"), ("onnx-fp32", "chain-s1.onnx")):
@@ -122,6 +126,18 @@ def test_runner_flatbuffer_reader_agrees_with_the_tflite_schema(run_dir):
                        for t in model.subgraphs[0].tensors
                        if model.buffers[t.buffer].data is None or len(model.buffers[t.buffer].data) == 0)
         assert runner_module.tflite_activation_bytes(blob) == expected > 0
+
+
+def test_runner_without_its_runtimes_file_is_one_line(tmp_path):
+    """runner.py copied without runtimes.py: exit 3 (this device lacks what the runner needs), one line naming the
+    file to copy; beside it, the runner runs (a missing artifact is its usual exit 2)."""
+    shutil.copy(RUNNER, tmp_path / "runner.py")
+    code, out, err = run_runner(sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "chain-s1.tflite"))
+    assert code == 3 and out == [] and err.count("\n") == 1, err
+    assert err.startswith("runner: error: runtimes.py is missing: copy it next to runner.py")
+    shutil.copy(runner_module.runtimes.__file__, tmp_path / "runtimes.py")
+    code, (out,), err = run_runner(sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "chain-s1.tflite"))
+    assert code == 2 and "chain-s1.tflite: no such file" in out["error"]
 
 
 def test_runner_errors_are_one_line(tmp_path):

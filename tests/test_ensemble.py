@@ -145,8 +145,9 @@ def test_resume_mid_corrective_step_is_bit_identical(switched_run, tmp_path, mon
 
 @pytest.mark.slow
 def test_early_exit_at_theta_one_is_the_full_prefix_and_thresholds_cut_work(switched_run):
+    from edgepkd.compress.runtimes import open_model
     from edgepkd.measure import early_exit as ee
-    from edgepkd.measure.runner import open_model, preprocess
+    from edgepkd.measure.runner import preprocess
 
     _, run = switched_run
     assert main(["export", str(run), "--target", "tflite-fp32", "--model", "ensemble-members",

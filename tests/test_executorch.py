@@ -249,13 +249,15 @@ def numpy_runtime_venv() -> str:
 
 
 def test_runner_runs_pte_without_torch(run_dir, tmp_path):
-    """The runner copied alone into an empty folder, in a venv of numpy + executorch-numpy-runtime: both targets
-    run with the manifest's top-1, and torch is not in sys.modules (the runner reports it and a guard checks it)."""
+    """The files bench copies to a device (runner.py, runtimes.py), alone in an empty folder, in a venv of numpy +
+    executorch-numpy-runtime: both targets run with the manifest's top-1, and torch is not in sys.modules (the
+    runner reports it and a guard checks it)."""
     python = numpy_runtime_venv()
     images = write_images(run_dir, tmp_path / "test.npz")
     device = tmp_path / "device"
     device.mkdir()
-    shutil.copy(RUNNER, device / "runner.py")
+    for file in runner_module.device_files():
+        shutil.copy(file, device / Path(file).name)
     pte = [run_dir / "export" / "executorch-fp32" / "chain-s2.pte",
            run_dir / "export" / "loose-executorch-int8" / "chain-s2.pte"]
     # the runner, then a check of sys.modules in the same process after it ran

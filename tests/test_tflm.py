@@ -38,12 +38,12 @@ def test_every_artifact_pick_can_choose_runs_in_tflite_micro(tflm_run, capsys):
     """The goal: pick --device cortex-m7's candidates are exactly the TFLite Micro exports, and each loads in
     TFLite Micro at its manifest's arena and reproduces its verified top-1 there, as bench measures it too."""
     from edgepkd.measure.devices import load_devices
-    from edgepkd.measure.pick import candidates
+    from edgepkd.measure.pick import pick_candidates
     from edgepkd.measure.runner import preprocess
 
     run, target = tflm_run
     profile = load_devices().get("cortex-m7")
-    chosen = candidates(run, profile)
+    chosen = pick_candidates(run, profile)
     entries = manifest(run, target)
     assert sorted(c.artifact.path.name for c in chosen) == sorted(entries)
     assert {"teacher.tflite", "chain-s1.tflite", "ensemble-1-2.tflite"} <= set(entries)

@@ -16,7 +16,7 @@ from edgepkd.errors import ConfigError
 from edgepkd.models import build_model
 
 
-class Float64Runner:
+class Float64Model:
     runtime, version = "torch-float64", torch.__version__
 
     def __init__(self, model):
@@ -46,20 +46,20 @@ def scaled_student():
 
 def test_large_logits_pass_with_the_relative_bound_and_a_real_mismatch_still_fails(scaled_student):
     model, x, y = scaled_student
-    runner = Float64Runner(model)
-    absolute = verify(runner, model, x, y, target(max_abs_diff=1e-4))
+    artifact = Float64Model(model)
+    absolute = verify(artifact, model, x, y, target(max_abs_diff=1e-4))
     print("max |diff|", absolute.max_abs_diff, absolute.failures)
     with torch.no_grad():
         assert model(x).abs().max() > 100                            # the logits really are large
     # float rounding alone breaks the absolute bound at this magnitude (the case MNIST's smallest students hit)
     assert not absolute.passed and "|logit diff|" in absolute.failures[0]
-    relative = verify(runner, model, x, y, target(max_abs_diff=1e-4, max_rel_diff=1e-5))
+    relative = verify(artifact, model, x, y, target(max_abs_diff=1e-4, max_rel_diff=1e-5))
     assert relative.passed, relative.failures
 
     broken = copy.deepcopy(model)
     with torch.no_grad():                                            # one weight of the mixer, off by 1 %
         broken.blocks[0].mixer.in_proj.weight[0, 0] *= 1.01
-    mismatch = verify(Float64Runner(broken), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=1e-5))
+    mismatch = verify(Float64Model(broken), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=1e-5))
     print("perturbed: max |diff|", mismatch.max_abs_diff, mismatch.failures)
     assert not mismatch.passed and "·|ref|" in mismatch.failures[0]
 
@@ -67,13 +67,13 @@ def test_large_logits_pass_with_the_relative_bound_and_a_real_mismatch_still_fai
 def test_a_nan_logit_fails_whatever_the_bounds(scaled_student):
     model, x, y = scaled_student
 
-    class NaNRunner(Float64Runner):
+    class NaNModel(Float64Model):
         def __call__(self, x):
             out = super().__call__(x)
             out[0, 3] = float("nan")
             return out
 
-    v = verify(NaNRunner(model), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=0.5))
+    v = verify(NaNModel(model), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=0.5))
     assert not v.passed
 
 

@@ -12,7 +12,8 @@ Metadata: the .pte format has no free-form key/value table like ONNX's metadata_
 entries, so the program gets a second method, the constant method ``edgepkd_metadata``, that returns the JSON
 (model, preprocessing, labels, provenance) as a uint8 tensor of its UTF-8 bytes. Any ExecuTorch runtime reads it
 (``program.load_method("edgepkd_metadata")``, no inputs), torch-free ones included; ``read_metadata`` and the
-device runner (``ExecuTorchModel.metadata``) do. ``manifest.json`` holds the same next to the artifacts.
+device runner do, through ``compress/runtimes.py``'s ExecuTorchModel (``metadata()``), the adapter verification
+runs the program in too. ``manifest.json`` holds the same next to the artifacts.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import numpy as np
 import torch
 
 from edgepkd.compress._native import quiet_native
+from edgepkd.compress.runtimes import PTE_METADATA_METHOD
 from edgepkd.compress.targets import ExportTarget
-from edgepkd.errors import EdgepkdError
-from edgepkd.measure.runner import PTE_METADATA_METHOD
 
 _OPS = {"linear": ("linear.default",), "conv": ("conv1d.default", "conv2d.default")}
 
@@ -81,25 +81,7 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: Ex
 
 
 def read_metadata(path: Path) -> dict:
-    return Runner(path).model.metadata()
+    from edgepkd.compress.formats import FORMATS
 
+    return FORMATS.get("executorch").open(path).metadata()
 
-class Runner:
-    """Runs a .pte in the ``executorch`` wheel's runtime through the device runner's adapter
-    (``edgepkd.measure.runner.ExecuTorchModel``): float (1, C, H, W) -> float logits (1, K). ``threads`` None
-    leaves ExecuTorch's thread pool as it is (its default: one thread per core)."""
-
-    runtime = "executorch"
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import edgepkd.measure.runner as runner  # the standalone device runner (numpy and a runtime only)
-
-        try:
-            self.model = runner.ExecuTorchModel(str(path), threads, "executorch")
-        except runner.RunnerError as e:
-            raise EdgepkdError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
-        self.version = self.model.version
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        m = self.model
-        return m.logits(m.run(m.prepare(x)))

@@ -34,7 +34,9 @@ class VerificationError(EdgepkdError):
 
 
 @dataclass
-class Candidate:
+class ExportCandidate:
+    """One model of a run to export: a student, the teacher or a baseline, or an ensemble prefix."""
+
     name: str                 # as in metrics.json: "chain/s1", "ensemble[1..3]"
     file_stem: str            # "chain-s1", "ensemble-1-3"
     members: list[str]
@@ -57,20 +59,20 @@ def require_runtime(target: ExportTarget) -> None:
                            "pip install -e '.[export]' (or pip install 'edgepkd[export]')")
 
 
-def ensemble_members(metrics: dict) -> list[Candidate]:
+def ensemble_members(metrics: dict) -> list[ExportCandidate]:
     """The members of the run's largest ensemble prefix, one standalone artifact each, for early exit on the
     device (``edgepkd.measure.early_exit``): each carries its place and the shrinkage in ``ensemble_member``."""
     if not metrics["ensemble_prefixes"]:
         return []
     last = metrics["ensemble_prefixes"][-1]
     rows = {r["name"]: r for r in metrics["models"]}
-    return [Candidate(m, file_stem(m), [m], {**rows[m], "ensemble_member": {
+    return [ExportCandidate(m, file_stem(m), [m], {**rows[m], "ensemble_member": {
                 "index": k + 1, "of": len(last["members"]), "shrinkage": last.get("shrinkage", 1.0),
                 "members": last["members"]}})
             for k, m in enumerate(last["members"])]
 
 
-def candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> list[Candidate]:
+def export_candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> list[ExportCandidate]:
     """The teacher and baselines (when their weights are in the run: a device choice must see what the
     students compete with), every student and every ensemble prefix (default); or the models named in ``only``,
     by name ('chain/s2') or file stem ('chain-s2'), in that order. ``only`` may name ``ensemble-members``: the
@@ -80,15 +82,15 @@ def candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> lis
         members = ensemble_members(metrics)
         if not members:
             raise RunError(f"--model ensemble-members: {run.path} has no ensemble")
-        chosen = candidates(run, metrics, rest) if rest else []
+        chosen = export_candidates(run, metrics, rest) if rest else []
         return chosen + [m for m in members if m.name not in {c.name for c in chosen}]
     def default(r: dict) -> bool:
         return r["role"] == "chain" or (r["role"] in ("teacher", "baseline")
                                         and run.weights_path(r["name"]).is_file())
 
-    rows = [Candidate(r["name"], file_stem(r["name"]), [r["name"]], r) for r in metrics["models"]
+    rows = [ExportCandidate(r["name"], file_stem(r["name"]), [r["name"]], r) for r in metrics["models"]
             if (only and r["name"] in only) or (not only and default(r))]
-    rows += [Candidate(p["name"], file_stem(p["name"]), p["members"], p) for p in metrics["ensemble_prefixes"]]
+    rows += [ExportCandidate(p["name"], file_stem(p["name"]), p["members"], p) for p in metrics["ensemble_prefixes"]]
     if not only:
         return rows
     names = [c.name for c in rows] + [r["name"] for r in metrics["models"]]
@@ -130,7 +132,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     require_runtime(target)
     fmt = target.export_format
     metrics = load_metrics(run.path)
-    chosen = candidates(run, metrics, models)
+    chosen = export_candidates(run, metrics, models)
     loaded: dict[str, nn.Module] = {}
     for c in chosen:
         for m in c.members:
@@ -172,8 +174,8 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
         try:
             with export_mode(net, scan=target.scan, fmt=target.format):
                 fmt.export(net, example, tmp, target, calibration, meta)
-            runner = fmt.runner(tmp)
-            result = verify(runner, net, x_test, data.test.y, target) if do_verify else None
+            model = fmt.open(tmp)                                           # in its runtime
+            result = verify(model, net, x_test, data.test.y, target) if do_verify else None
         except EdgepkdError:
             _cleanup(tmp)
             raise
@@ -194,10 +196,10 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             raise VerificationError(f"{target.name}: {c.name} failed verification on {result.images} test "
                                     f"images: {'; '.join(result.failures)} (nothing written; --no-verify skips "
                                     "this check)")
-        entry = _entry(tmp, c, target, runner, meta, result)
+        entry = _entry(tmp, c, target, model, meta, result)
         entry["file"] = final.name
         try:
-            entry.update(fmt.companions(tmp, final, runner, entry))   # e.g. tflite-micro's firmware sources
+            entry.update(fmt.companions(tmp, final, model, entry))    # e.g. tflite-micro's firmware sources
         except BaseException:
             _cleanup(tmp)
             raise
@@ -232,8 +234,10 @@ def _cleanup(tmp: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _entry(path: Path, c: Candidate, target: ExportTarget, runner, meta: dict, result: Verification | None) -> dict:
-    io = getattr(runner, "io", lambda: {})()
+def _entry(path: Path, c: ExportCandidate, target: ExportTarget, model, meta: dict,
+           result: Verification | None) -> dict:
+    # the runtime's dtypes and quantization; names and shapes are the model's (1, C, H, W) -> (1, K)
+    io = {side: {k: v for k, v in d.items() if k not in ("name", "shape")} for side, d in model.io().items()}
     return {
         "file": path.name, "model": c.name, "members": c.members, "target": target.name,
         "format": target.format, "precision": target.precision,

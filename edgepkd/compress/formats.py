@@ -1,6 +1,7 @@
 """Export formats: one registered class per format holds every fact about it. Adding a format is adding a class
-here and its exporter module (``export``, ``Runner``, ``read_metadata``); targets (``export/*.yaml``) and device
-profiles (``devices/*.yaml``) are validated against this registry.
+here (its facts and ``open_runtime``: the runtime adapter of compress/runtimes.py that verification runs it in) and
+its exporter module (``export``, ``read_metadata``); targets (``export/*.yaml``) and device profiles
+(``devices/*.yaml``) are validated against this registry.
 
     FORMATS.get("onnx").suffix      '.onnx'
     FORMATS.get("tflite").methods   ('none', 'pt2e', 'weights')
@@ -13,6 +14,8 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from edgepkd.compress import runtimes
+from edgepkd.errors import EdgepkdError
 from edgepkd.registry import Registry
 
 
@@ -24,8 +27,8 @@ class ExportFormat:
     needs: tuple[str, ...]          # modules the export and its verification need (all in the 'export' extra)
     methods: tuple[str, ...]        # the ``quantization.method`` values a target of this format accepts
     runtime: str | None             # the device runtime (a profile's ``runtime``) that runs it; None: no device
-    module: str                     # the exporter: export(), Runner (verification), read_metadata(); optional
-                                    # companions(): files written next to a verified artifact
+    module: str                     # the exporter: export(), read_metadata(); optional companions(): files
+                                    # written next to a verified artifact
 
     def missing(self) -> list[str]:
         """The needed modules this Python lacks."""
@@ -38,19 +41,28 @@ class ExportFormat:
         """Write ``model`` to ``path`` for ``target`` (quantized as it says, ``metadata`` embedded)."""
         self.exporter().export(model, example, path, target, calibration, metadata)
 
-    def runner(self, path: Path):
-        """The artifact in its runtime for verification: ``run(x) -> logits``, ``io()``, ``version``."""
-        return self.exporter().Runner(path)
+    def open(self, path: Path):
+        """The artifact in its runtime for verification: an adapter (``model(x) -> logits``, ``io()``, ``runtime``,
+        ``version``); a one-line EdgepkdError naming ``path`` when the runtime cannot load it."""
+        try:
+            return self.open_runtime(path)
+        except runtimes.RunnerError as e:
+            raise EdgepkdError(f"{path}: {str(e).removeprefix(Path(path).name + ': ')}") from None
+
+    def open_runtime(self, path: Path):
+        """The runtime adapter that verification runs this format's artifacts in."""
+        raise NotImplementedError(self.name)
 
     def read_metadata(self, path: Path) -> dict:
         """The metadata an artifact carries (preprocessing, labels, provenance)."""
         return self.exporter().read_metadata(path)
 
-    def companions(self, tmp: Path, final: Path, runner, entry: dict) -> dict:
-        """Once ``tmp`` passed verification (before it is renamed to ``final``): write the format's companion
-        files next to ``final`` and return the fields they add to the manifest entry ({} for most formats)."""
+    def companions(self, tmp: Path, final: Path, model, entry: dict) -> dict:
+        """Once ``tmp`` passed verification in ``model`` (``open``'s adapter) and before it is renamed to ``final``:
+        write the format's companion files next to ``final`` and return the fields they add to the manifest entry
+        ({} for most formats)."""
         write = getattr(self.exporter(), "companions", None)
-        return write(tmp, final, runner, entry) if write is not None else {}
+        return write(tmp, final, model, entry) if write is not None else {}
 
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -68,6 +80,9 @@ class Onnx(ExportFormat):
     methods = ("none", "ort_static", "ort_dynamic", "weights")
     module = "edgepkd.compress.onnx_export"
 
+    def open_runtime(self, path: Path):
+        return runtimes.OnnxModel(str(path), threads=1, runtime="onnxruntime")
+
 
 @_register
 class TFLite(ExportFormat):
@@ -75,6 +90,9 @@ class TFLite(ExportFormat):
     needs = ("litert_torch", "ai_edge_litert")
     methods = ("none", "pt2e", "weights")
     module = "edgepkd.compress.tflite_export"
+
+    def open_runtime(self, path: Path):
+        return runtimes.TFLiteModel(str(path), threads=1, runtime="ai_edge_litert")
 
 
 @_register
@@ -86,6 +104,13 @@ class TFLiteMicro(ExportFormat):
     methods = ("none", "pt2e")
     module = "edgepkd.compress.tflm_export"
 
+    def open_runtime(self, path: Path):
+        """TFLite Micro's interpreter at the exact arena (found by bisection first; TFLMError, one line, when the
+        file does not load at all)."""
+        from edgepkd.compress import tflm
+
+        return tflm.TFLMModel(path, tflm.find_arena(path))
+
 
 @_register
 class Torch(ExportFormat):
@@ -93,6 +118,9 @@ class Torch(ExportFormat):
     needs = ("torchao",)
     methods = ("none", "torchao")
     module = "edgepkd.compress.torch_export"
+
+    def open_runtime(self, path: Path):
+        return runtimes.TorchProgramModel(str(path))
 
 
 @_register
@@ -102,8 +130,12 @@ class ExecuTorch(ExportFormat):
     methods = ("none", "pt2e")
     module = "edgepkd.compress.executorch_export"
 
+    def open_runtime(self, path: Path):
+        # the executorch wheel's runtime (torch is here anyway); its thread pool left at its default
+        return runtimes.ExecuTorchModel(str(path), threads=None, runtime="executorch")
 
-def runtimes() -> list[str]:
+
+def device_runtimes() -> list[str]:
     """Every device runtime some format runs in."""
     return sorted({f.runtime for _, f in FORMATS.items() if f.runtime})
 

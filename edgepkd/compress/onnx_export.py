@@ -1,5 +1,6 @@
 """ONNX: export with ``torch.onnx.export(dynamo=True)``, check with ``onnx.checker``, quantize with ONNX Runtime,
-run with ``onnxruntime``. Metadata (preprocessing, labels, provenance) goes into ``metadata_props``."""
+verified in ``onnxruntime`` (``compress/runtimes.py``'s OnnxModel). Metadata (preprocessing, labels, provenance)
+goes into ``metadata_props``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import numpy as np
 import torch
 
 from edgepkd.compress.targets import ExportTarget, QuantConfig
-from edgepkd.errors import EdgepkdError, first_line
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: ExportTarget,
@@ -184,24 +184,3 @@ def read_metadata(path: Path) -> dict:
     meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
     return {k: json.loads(v) for k, v in meta.custom_metadata_map.items()}
 
-
-class Runner:
-    """Runs an ONNX file in onnxruntime (CPU, ``threads`` intra-op threads): float (1, C, H, W) -> logits (1, K)."""
-
-    runtime = "onnxruntime"
-
-    def __init__(self, path: Path, threads: int = 1):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise EdgepkdError(f"{path}: onnxruntime cannot load it: {first_line(e)}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.version = ort.__version__
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x.astype(np.float32)})[0]

@@ -4,10 +4,10 @@ quantizer litert-torch accepts), run with ``ai_edge_litert.interpreter.Interpret
 int8 compute (method pt2e) quantizes only Linear and Conv layers (weights per-channel, symmetric; activations either
 calibrated ('static': the model's input and output become int8 tensors) or quantized at run time ('dynamic')):
 quantizing the scan's elementwise ops fails to convert (tfl.slice same-scale constraint) or, when it converts,
-makes a small student slower than fp32. With int8 inputs, ``Runner`` quantizes them with the scale and zero
-point the interpreter reports. Method weights stores the float constants as int8 behind DEQUANTIZE ops and
-computes in float (see compress/weights.py). Metadata is a flatbuffer metadata
-entry 'edgepkd' (JSON), readable with ai_edge_litert alone.
+makes a small student slower than fp32. Verification runs the file in ``compress/runtimes.py``'s TFLiteModel
+(ai_edge_litert), which quantizes int8 inputs with the scale and zero point the interpreter reports. Method
+weights stores the float constants as int8 behind DEQUANTIZE ops and computes in float (see compress/weights.py).
+Metadata is a flatbuffer metadata entry 'edgepkd' (JSON), readable with ai_edge_litert alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 from edgepkd.compress._native import quiet_native
 from edgepkd.compress.targets import ExportTarget
-from edgepkd.errors import EdgepkdError, first_line
 
 METADATA_KEY = "edgepkd"
 
@@ -204,43 +203,3 @@ def read_metadata(path: Path) -> dict:
             return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
     return {}
 
-
-class Runner:
-    """Runs a .tflite file in ai_edge_litert's Interpreter: float (1, C, H, W) -> float logits (1, K);
-    int8 inputs/outputs are (de)quantized with the scale and zero point the interpreter reports."""
-
-    runtime = "ai_edge_litert"
-
-    def __init__(self, path: Path, threads: int = 1):
-        import ai_edge_litert
-        from ai_edge_litert.interpreter import Interpreter
-
-        try:
-            with quiet_native():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-                self.interpreter.allocate_tensors()
-        except Exception as e:
-            raise EdgepkdError(f"{path}: the TFLite interpreter cannot load it: {first_line(e)}") from None
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self.version = getattr(ai_edge_litert, "__version__", "unknown")
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        scale, zero = self.input["quantization"]
-        if self.input["dtype"] != np.float32:
-            info = np.iinfo(self.input["dtype"])
-            x = np.clip(np.round(x / scale) + zero, info.min, info.max)
-        self.interpreter.set_tensor(self.input["index"], x.astype(self.input["dtype"]))
-        self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.output["index"])
-        scale, zero = self.output["quantization"]
-        return (y.astype(np.float32) - zero) * scale if self.output["dtype"] != np.float32 else y
-
-    def io(self) -> dict:
-        def describe(d):
-            out = {"dtype": np.dtype(d["dtype"]).name}
-            if d["dtype"] != np.float32:
-                out["quantization"] = {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}
-            return out
-
-        return {"input": describe(self.input), "output": describe(self.output)}

@@ -8,7 +8,7 @@ TFLite Micro's builtin op set, finds the exact tensor arena by bisection, and ru
     ops(buf)                    [(builtin name, number of inputs)] of every operator, in graph order
     problems(buf)               what TFLite Micro cannot run ([] when it runs): ops it lacks, oversized concats
     find_arena(path)            the smallest arena_size (bytes) that allocates and invokes
-    TFLMModel(path, arena)      prepare / run / logits like runner.py's models, in TFLite Micro
+    TFLMModel(path, arena)      prepare / run / logits like compress/runtimes.py's adapters, in TFLite Micro
 
 ``edgepkd bench`` on a tflite-micro device (measure/bench.py) adds top-1 on the run's test images.
 
@@ -25,7 +25,8 @@ import os
 import subprocess
 import sys
 
-from edgepkd.errors import EdgepkdError
+from edgepkd.compress.runtimes import Adapter, dequantize, describe, quantize
+from edgepkd.errors import EdgepkdError, first_line
 
 INSTALL = "pip install tflite-micro"
 
@@ -191,10 +192,11 @@ def _load_error(path: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- running
-class TFLMModel:
-    """An artifact in TFLite Micro's interpreter, with runner.py's interface: ``prepare(x)`` float32 (1, C, H, W)
-    -> the input tensor's dtype (int8 quantized with the model's scale and zero point), ``run(prepared)``,
-    ``logits(raw)`` -> float32 (1, K), ``io()``."""
+class TFLMModel(Adapter):
+    """An artifact in TFLite Micro's interpreter, with the interface of compress/runtimes.py's adapters:
+    ``prepare(x)`` float32 (1, C, H, W) -> the input tensor's dtype (int8 quantized with the model's scale and zero
+    point), ``run(prepared)``, ``logits(raw)`` -> float32 (1, K), ``io()``; ``model(x)`` all three. ``arena`` is
+    the arena size it runs in (``find_arena``'s exact one for export verification)."""
 
     runtime = "tflite_micro"
 
@@ -207,7 +209,7 @@ class TFLMModel:
             self.interpreter = rt.Interpreter.from_file(self.path, arena_size=arena)
         except Exception as e:
             raise TFLMError(f"{os.path.basename(self.path)}: TFLite Micro cannot load it in a {arena:,}-byte arena "
-                            f"({str(e).strip()[:200]})") from None
+                            f"({first_line(e, 200)})") from None
         self.inp, self.out = self.interpreter.get_input_details(0), self.interpreter.get_output_details(0)
         self.version = version()
 
@@ -218,22 +220,13 @@ class TFLMModel:
         return (float(scales[0]), int(zeros[0])) if scales else None
 
     def io(self) -> dict:
-        def describe(d):
-            out = {"shape": [int(s) for s in d["shape"]], "dtype": self.np.dtype(d["dtype"]).name}
-            q = self._quant(d)
-            if d["dtype"] != self.np.float32 and q:
-                out["quantization"] = {"scale": q[0], "zero_point": q[1]}
-            return out
-
-        return {"input": describe(self.inp), "output": describe(self.out)}
+        return {side: describe(d["shape"], d["dtype"], None if d["dtype"] == self.np.float32 else self._quant(d))
+                for side, d in (("input", self.inp), ("output", self.out))}
 
     def prepare(self, x):
-        np = self.np
-        if self.inp["dtype"] == np.float32:
-            return x.astype(np.float32)
-        scale, zero = self._quant(self.inp)
-        info = np.iinfo(self.inp["dtype"])
-        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(self.inp["dtype"])
+        if self.inp["dtype"] == self.np.float32:
+            return x.astype(self.np.float32)
+        return quantize(x, self.inp["dtype"], *self._quant(self.inp))
 
     def run(self, prepared):
         self.interpreter.set_input(prepared, 0)
@@ -241,14 +234,9 @@ class TFLMModel:
         return self.interpreter.get_output(0)
 
     def logits(self, raw):
-        np = self.np
-        if raw.dtype == np.float32:
+        if raw.dtype == self.np.float32:
             return raw.reshape(1, -1)
-        scale, zero = self._quant(self.out)
-        return ((raw.astype(np.float32) - zero) * scale).reshape(1, -1)
-
-    def __call__(self, x):
-        return self.logits(self.run(self.prepare(x)))
+        return dequantize(raw, *self._quant(self.out)).reshape(1, -1)
 
 
 if __name__ == "__main__":   # python -m edgepkd.compress.tflm MODEL.tflite: its ops, problems and exact arena

@@ -8,7 +8,8 @@ flatbuffer is edited for TFLite Micro and checked against its op set (``edgepkd.
   * an op TFLite Micro lacks is a one-line error naming it and the module its output came from (read from the
     converter's tensor names, before they are shortened).
 Verification runs in TFLite Micro's own interpreter at the exact arena (the smallest that allocates and invokes,
-found by bisection). Once the artifact passes, ``companions`` writes the firmware sources next to it:
+found by bisection: ``compress/tflm.py``'s TFLMModel, opened by the format's ``open_runtime``). Once the
+artifact passes, ``companions`` writes the firmware sources next to it:
 
     <model>_data.h / <model>_data.cc   the model as an ``alignas(16) const unsigned char`` array and its length,
                                        the measured arena size, input and output scale / zero point, the labels
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import numpy as np
 
 from edgepkd.compress import tflite_export
 from edgepkd.compress._native import quiet_native
@@ -154,32 +153,6 @@ def _empty_buffer(model) -> int:
     return len(model.buffers) - 1
 
 
-class Runner:
-    """The artifact in TFLite Micro's interpreter at its exact arena (found by bisection first): float
-    (1, C, H, W) -> float logits (1, K), int8 input quantized with the model's scale and zero point."""
-
-    runtime = "tflite_micro"
-
-    def __init__(self, path: Path):
-        self.arena = tflm.find_arena(path)              # TFLMError (one line) when it does not load at all
-        self.model = tflm.TFLMModel(path, self.arena)
-        self.version = self.model.version
-        self.ops = tflm.op_names(Path(path).read_bytes())
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.model(x)
-
-    def io(self) -> dict:
-        io = self.model.io()
-        for side in io.values():
-            side.pop("shape", None)                  # the manifest's shapes are the model's (1, C, H, W), (1, K)
-        return io
-
-    def facts(self) -> dict:
-        """What the manifest records about the artifact in TFLite Micro."""
-        return {"arena_bytes": self.arena, "ops": self.ops, "runtime_version": self.version}
-
-
 # ------------------------------------------------------------------------------------------ firmware sources
 def _ident(stem: str) -> str:
     ident = re.sub(r"\W", "_", stem)
@@ -274,13 +247,17 @@ int main() {{
     return {f"{stem}_data.h": header, f"{stem}_data.cc": data, f"{stem}_main.cc": main}
 
 
-def companions(tmp: Path, final: Path, runner: Runner, entry: dict) -> dict:
-    """After verification: the firmware sources next to ``final`` (written atomically), and the manifest fields
-    ``tflite_micro`` (arena, ops, sources)."""
+def companions(tmp: Path, final: Path, model: tflm.TFLMModel, entry: dict) -> dict:
+    """After verification in ``model`` (TFLite Micro's interpreter at the exact arena): the firmware sources next
+    to ``final`` (written atomically), and the manifest fields ``tflite_micro`` (arena, ops, runtime version,
+    sources)."""
     from edgepkd.rundir import atomic_write_bytes
 
-    sources = firmware_sources(tmp.read_bytes(), final.stem, entry, runner.arena, runner.ops)
+    blob = tmp.read_bytes()
+    ops = tflm.op_names(blob)
+    sources = firmware_sources(blob, final.stem, entry, model.arena, ops)
     for file, text in sources.items():
         atomic_write_bytes(final.parent / file, text.encode())
-    return {"tflite_micro": {**runner.facts(), "sources": sorted(sources),
+    return {"tflite_micro": {"arena_bytes": model.arena, "ops": ops, "runtime_version": model.version,
+                             "sources": sorted(sources),
                              "arena": "measured: the smallest arena_size that allocates and invokes (bisection)"}}

@@ -1,6 +1,7 @@
 """PyTorch deployment: torchao int8 quantization (``quantize_``), saved as a ``torch.export`` program (.pt2).
 
-Metadata goes into the .pt2 archive's ``extra_files`` as ``edgepkd.json``.
+Metadata goes into the .pt2 archive's ``extra_files`` as ``edgepkd.json``. Verified in PyTorch
+(``compress/runtimes.py``'s TorchProgramModel).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 
 from edgepkd.compress._native import quiet_native
 from edgepkd.compress.targets import ExportTarget
-from edgepkd.errors import EdgepkdError, first_line
 
 
 def _torchao_config(name: str):
@@ -47,22 +47,3 @@ def read_metadata(path: Path) -> dict:
     torch.export.load(str(path), extra_files=extra)
     return json.loads(extra["edgepkd.json"] or "{}")
 
-
-class Runner:
-    runtime = "torch.export"
-
-    def __init__(self, path: Path, threads: int = 1):
-        try:
-            import torchao  # noqa: F401  (registers the quantized tensor subclasses the program refers to)
-        except ImportError:
-            pass
-        try:
-            self.module = torch.export.load(str(path)).module()
-        except Exception as e:
-            raise EdgepkdError(f"{path}: torch.export.load cannot load it: {first_line(e)}") from None
-        # ``threads`` is not applied: torch's thread count is process-wide, and this runner shares the process
-        self.version = torch.__version__
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.module(torch.from_numpy(x.astype(np.float32))).numpy()

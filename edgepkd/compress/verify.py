@@ -39,12 +39,13 @@ class Verification:
         return {**asdict(self), "passed": self.passed}
 
 
-def verify(runner, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+def verify(artifact, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
            target: ExportTarget) -> Verification:
-    """``x_test``: normalised float images (N, C, H, W); the runner takes one image at a time (batch 1)."""
+    """``artifact``: the exported file in its runtime (a compress/runtimes.py adapter, ``artifact(x) -> logits``);
+    ``x_test``: normalised float images (N, C, H, W), given to it one at a time (batch 1)."""
     with torch.no_grad():
         ref = torch.cat([model(x_test[i:i + 256]) for i in range(0, len(x_test), 256)]).numpy()  # (N, K)
-    out = np.concatenate([runner(x_test[i:i + 1].numpy()) for i in range(len(x_test))]).astype(np.float32)
+    out = np.concatenate([artifact(x_test[i:i + 1].numpy()) for i in range(len(x_test))]).astype(np.float32)
     y = y_test.numpy()
     acc = 100.0 * float((out.argmax(1) == y).mean())
     ref_acc = 100.0 * float((ref.argmax(1) == y).mean())
@@ -67,4 +68,4 @@ def verify(runner, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.T
                         f"(allowed {v.max_accuracy_drop:g})")
     if v.min_agreement is not None and not agreement >= v.min_agreement:
         failures.append(f"top-1 agreement {agreement:.2f}% < {v.min_agreement:g}%")
-    return Verification(len(y), acc, ref_acc, agreement, max_diff, runner.runtime, runner.version, failures)
+    return Verification(len(y), acc, ref_acc, agreement, max_diff, artifact.runtime, artifact.version, failures)

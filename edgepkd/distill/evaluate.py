@@ -39,7 +39,7 @@ def evaluate_run(run_path: str, *, data_dir: str | None = None, device: str = "a
     import torch
 
     from edgepkd.data import load_run_dataset
-    from edgepkd.distill.trainer import accuracy, eval_mode, predict
+    from edgepkd.distill.trainer import accuracy, ensemble_predictor, predict
     from edgepkd.models import load_model, set_scan_backend
     from edgepkd.models.ensemble import combine
     from edgepkd.recipe import load_recipe
@@ -70,7 +70,8 @@ def evaluate_run(run_path: str, *, data_dir: str | None = None, device: str = "a
             continue  # missing (listed above) or a loaded teacher, which is not copied into the run
         model, _ = load_model(path)
         set_scan_backend(model, recipe.scan_backend)
-        logits[row["name"]] = predict(eval_mode([model.to(device)]), data, data.test.x, device=device)  # (N, K)
+        logits[row["name"]] = predict(ensemble_predictor([model.to(device)]), data, data.test.x,
+                                      device=device)                                        # (N, K)
         acc = accuracy(logits[row["name"]], data.test.y)
         out.results.append({"name": row["name"], "test_acc": acc, "recorded": row["test_acc"]})
     for p in metrics["ensemble_prefixes"]:

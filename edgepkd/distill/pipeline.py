@@ -22,7 +22,7 @@ import torch.nn as nn
 import edgepkd
 from edgepkd.config import to_dict
 from edgepkd.data import Dataset
-from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, eval_mode, fit,
+from edgepkd.distill.trainer import (DistContext, Reporter, StageTargets, accuracy, ensemble_predictor, fit,
                                      init_seeded, predict, predict_sharded, stage_seed)
 from edgepkd.errors import ConfigError, first_line
 from edgepkd.models import STUDENT_ARCH, build_model, build_teacher, set_scan_backend
@@ -176,7 +176,7 @@ class _LogitSource:
 
     @classmethod
     def of(cls, models: list[nn.Module], data: Dataset, cache: bool, dist: DistContext) -> "_LogitSource":
-        fn = eval_mode(models)
+        fn = ensemble_predictor(models)
         return cls(fn, predict_sharded(fn, data, data.train.x, dist) if cache else None)
 
     def plus(self, model: nn.Module, data: Dataset, dist: DistContext, shrinkage: float = 1.0) -> "_LogitSource":
@@ -350,7 +350,7 @@ def evaluate_members(members: list[Member], data: Dataset, device="cpu", shrinka
     corrective step the prefixes are those of the corrected members; ``ensemble_prefixes_uncorrected`` keeps
     the members' as trained."""
     teacher_flops = members[0].flops.flops
-    logits = {m.stage: predict(eval_mode([m.model]), data, data.test.x, device=device) for m in members}
+    logits = {m.stage: predict(ensemble_predictor([m.model]), data, data.test.x, device=device) for m in members}
     rows = []
     for m in members:
         rows.append({

@@ -106,7 +106,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
     return 100.0 * (logits.argmax(-1) == y).float().mean().item() if len(y) else None
 
 
-def eval_mode(models: list[nn.Module], shrinkage: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+def ensemble_predictor(models: list[nn.Module], shrinkage: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The models in eval mode, their logits combined as an ensemble prefix (``models.ensemble.combine``);
     one model: its logits."""
     for m in models:

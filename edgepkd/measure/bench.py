@@ -440,6 +440,8 @@ def _unreachable(profile: DeviceProfile, err: str) -> DeviceError:
 
 
 def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path | None, handle) -> None:
+    from edgepkd.measure.runner import device_files
+
     for tool in ("ssh", "scp"):
         if shutil.which(tool) is None:
             raise DeviceError(f"device '{profile.name}': '{tool}' not found; install the OpenSSH client "
@@ -458,7 +460,8 @@ def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path
     try:
         with tempfile.TemporaryDirectory(prefix="edgepkd-bench-") as tmp:
             stage = Path(tmp)
-            shutil.copy2(RUNNER, stage / "runner.py")
+            for file in device_files():             # runner.py and the runtimes.py beside it
+                shutil.copy2(file, stage / Path(file).name)
             for a in arts:
                 (stage / a.target).mkdir(exist_ok=True)
                 shutil.copy2(a.path, stage / a.target / a.path.name)
@@ -488,7 +491,7 @@ def _measure_ssh(arts: list[Artifact], profile, opts: BenchOptions, images: Path
         subprocess.run([*ssh, f"rm -rf {shlex.quote(remote)}"], capture_output=True, timeout=60)
 
 
-def bench(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=print) -> Outcome:
+def bench_artifacts(arts: list[Artifact], profile: DeviceProfile, opts: BenchOptions, log=print) -> Outcome:
     """Measure (or estimate) ``arts`` on ``profile``'s device; each result is stored as soon as it arrives."""
     outcome = Outcome()
     stores: dict[Path, BenchStore] = {}
@@ -651,7 +654,7 @@ def _latency_rule(profile: DeviceProfile) -> str:
     return f"(MACs) = MAC-equivalents / {profile.calibration.macs_per_second:.4g} MAC/s"
 
 
-def render(outcome: Outcome, profile: DeviceProfile) -> str:
+def render_bench(outcome: Outcome, profile: DeviceProfile) -> str:
     rows = []
     for a, r in sorted(outcome.results, key=lambda x: x[0].key):
         lat, est = r["latency_ms"], r.get("estimated")

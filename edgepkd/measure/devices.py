@@ -20,7 +20,7 @@ from typing import Literal
 
 from edgepkd.builtins import builtin_dir
 from edgepkd.config import check, load_named, load_named_dirs
-from edgepkd.compress.formats import FORMATS, runtime_format, runtimes
+from edgepkd.compress.formats import FORMATS, device_runtimes, runtime_format
 from edgepkd.registry import Registry, closest
 
 BUILTIN_DIR = builtin_dir("devices")
@@ -135,8 +135,8 @@ class DeviceProfile:
                                                               # target of the runtime's format and precisions)
 
     def __post_init__(self):
-        check(self.runtime in runtimes(), "runtime", f"{self.runtime!r} is not allowed"
-              f"{closest(self.runtime, runtimes())} (allowed: {', '.join(runtimes())})")
+        check(self.runtime in device_runtimes(), "runtime", f"{self.runtime!r} is not allowed"
+              f"{closest(self.runtime, device_runtimes())} (allowed: {', '.join(device_runtimes())})")
         check(self.threads >= 1, "threads", "must be at least 1")
         check(bool(self.precisions), "precisions", "must name at least one of fp32, int8")
         check(self.connect in ("local", "none") or SSH_URL.match(self.connect) is not None, "connect",

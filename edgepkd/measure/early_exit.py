@@ -15,7 +15,7 @@ split gives the whole θ sweep. A reference model (by default the most accurate 
 export folder) runs on the same image, just before the members or just after them, alternating per image, so
 the two are compared side by side under the same machine load.
 
-Everything here needs only numpy and the runtime (the runner's adapters), as on the device.
+Everything here needs only numpy and the runtime (compress/runtimes.py's adapters), as on the device.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class Trace:
 
 
 def trace(members: list, x, shrinkage: float, reference=None, repeats: int = 3) -> Trace:
-    """Run ``members`` (runner models: prepare/run/logits) in order on every image of ``x`` (N, C, H, W) float32,
-    and ``reference`` (one runner model) beside them, ``repeats`` passes; each step's time is its median over the
+    """Run ``members`` (runtime adapters: prepare/run/logits) in order on every image of ``x`` (N, C, H, W)
+    float32, and ``reference`` (one adapter) beside them, ``repeats`` passes; each step's time is its median over the
     passes (one pass alone catches page faults and scheduler hiccups in single images)."""
     import numpy as np
 
@@ -166,9 +166,9 @@ def result_path(run: Path, target: str) -> Path:
 
 _RAM_CHILD = """
 import json, os, sys
-from edgepkd.measure import runner as r
+from edgepkd.compress import runtimes as r
 paths, threads, shape = json.loads(sys.argv[1])
-r._import_runtime(r.artifact_format(paths[0]), "auto")   # before the baseline, as the runner does
+r.import_runtime(r.artifact_format(paths[0]), "auto")   # before the baseline, as the runner does
 import numpy as np
 
 def rss():   # current RSS: a child's peak RSS can start at its parent's (kept across exec), so not the peak
@@ -213,7 +213,8 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
 
     from edgepkd.errors import RunError
     from edgepkd.measure.bench import Artifact, check_artifact, test_images
-    from edgepkd.measure.runner import open_model, preprocess
+    from edgepkd.compress.runtimes import open_model
+    from edgepkd.measure.runner import preprocess
     from edgepkd.rundir import atomic_write_json
 
     run = Path(run_path)
@@ -299,7 +300,7 @@ def load_result(path: Path) -> dict:
     return res
 
 
-def render(res: dict, picked: dict | None = None) -> str:
+def render_early_exit(res: dict, picked: dict | None = None) -> str:
     """The θ sweep as a table, the worst case (every member), and the reference beside it."""
     on = f" for device '{res['device']}'" if res.get("device") else ""
     lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}), {res['target']}, "

@@ -71,7 +71,7 @@ class LatencyTable:
         return [self.lookup(s) for s in specs]
 
     def _measure(self, specs: list[dict]) -> list[dict]:
-        from edgepkd.measure.bench import DeviceError, bench
+        from edgepkd.measure.bench import DeviceError, bench_artifacts
         from edgepkd.models.flops import count_flops
 
         if self.profile.estimated:   # FLOPs / 2 over the calibrated MAC/s, as edgepkd bench estimates: no export
@@ -83,7 +83,7 @@ class LatencyTable:
             return out
         with tempfile.TemporaryDirectory(prefix="edgepkd-latency-") as tmp:
             arts = self._export(specs, Path(tmp))
-            outcome = bench(arts, self.profile, self.options, log=lambda *a: None)
+            outcome = bench_artifacts(arts, self.profile, self.options, log=lambda *a: None)
             got = {id(a): r for a, r in outcome.results}
             errors = {id(a): e for a, e in outcome.errors}
             missing = [(a, errors.get(id(a))) for a in arts if id(a) not in got]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepkd.errors import EdgepkdError, RunError
-from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench, check_artifact, \
+from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench_artifacts, check_artifact, \
     format_table, now, plot_path, ram_bytes, resolve
 from edgepkd.measure.devices import MIB, DeviceProfile
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
@@ -45,7 +45,9 @@ class NothingFits(EdgepkdError):
 
 
 @dataclass
-class Candidate:
+class PickCandidate:
+    """One exported artifact weighed for a device: its bench result (or why it cannot run there) and verdict."""
+
     artifact: Artifact
     result: dict | None = None
     error: str | None = None
@@ -92,7 +94,7 @@ class Limits:
     storage_mib: float
     min_accuracy: float | None = None
 
-    def violations(self, c: Candidate) -> dict[str, tuple[float, float, float]]:
+    def violations(self, c: PickCandidate) -> dict[str, tuple[float, float, float]]:
         """constraint -> (value, limit, how far off as a ratio >= 1)."""
         out = {}
         if c.p90 > self.latency_ms:
@@ -114,8 +116,8 @@ class Limits:
 class Selection:
     profile: DeviceProfile
     limits: Limits
-    candidates: list[Candidate] = field(default_factory=list)
-    choice: Candidate | None = None
+    candidates: list[PickCandidate] = field(default_factory=list)
+    choice: PickCandidate | None = None
     explanation: str = ""
     path: Path | None = None            # RUN/selection.json once ``record`` wrote it
     plot: Path | None = None            # RUN/bench/DEVICE.png (accuracy vs p50), when bench drew it
@@ -140,7 +142,8 @@ def _round_up(v: float, digits: int = 3) -> str:
     return f"{math.ceil(v / step) * step:.{digits}g}"
 
 
-def _fix(constraint: str, value: float) -> str:
+def _admit_hint(constraint: str, value: float) -> str:
+    """The option or profile change that would admit a candidate needing ``value`` of ``constraint``."""
     if constraint == "accuracy":
         return f"--min-accuracy {math.floor(value * 100) / 100:.2f} would admit it"
     option = {"latency": "--latency-ms", "RAM": "a profile with ram_mib >=",
@@ -148,12 +151,14 @@ def _fix(constraint: str, value: float) -> str:
     return f"{option} {_round_up(value)} would admit it"
 
 
-def _value(constraint: str, v: float) -> str:
+def _amount(constraint: str, v: float) -> str:
+    """What a candidate needs of ``constraint``, in words: 'p90 1.23 ms', '0.5 MiB of RAM'."""
     return {"latency": f"p90 {_ms(v)} ms", "RAM": f"{v:.3g} MiB of RAM", "storage": f"{v:.3g} MiB of storage",
             "accuracy": f"accuracy {v:.2f}%"}[constraint]
 
 
-def _limit(constraint: str, v: float) -> str:
+def _budget_text(constraint: str, v: float) -> str:
+    """A budget of ``constraint`` with its unit: '2 ms', '0.25 MiB'."""
     return {"latency": f"{_ms(v)} ms", "RAM": f"{v:g} MiB", "storage": f"{v:g} MiB", "accuracy": f"{v:g}%"}[constraint]
 
 
@@ -165,7 +170,7 @@ def _nothing_fits(sel: Selection) -> str:
         if errors:
             return f"{head}: none of the {len(sel.candidates)} candidates runs there; {errors[0].label}: {errors[0].error}"
         return f"{head}: no verified candidate (export without --no-verify)"
-    single: dict[str, list[tuple[float, Candidate, tuple]]] = {}
+    single: dict[str, list[tuple[float, PickCandidate, tuple]]] = {}
     for c in runnable:
         v = sel.limits.violations(c)
         if len(v) == 1:
@@ -177,13 +182,13 @@ def _nothing_fits(sel: Selection) -> str:
             _, c, (value, limit, _) = min(items, key=lambda x: x[0])
             if name == "accuracy":
                 parts.append(f"accuracy is binding: the most accurate candidate within the other budgets, "
-                             f"{c.label}, reaches {value:.2f}% (floor {limit:g}%); {_fix(name, value)}")
+                             f"{c.label}, reaches {value:.2f}% (floor {limit:g}%); {_admit_hint(name, value)}")
             else:
                 parts.append(f"{name} is binding: {c.label} meets every other budget but needs "
-                             f"{_value(name, value)} (budget {_limit(name, limit)}); {_fix(name, value)}")
+                             f"{_amount(name, value)} (budget {_budget_text(name, limit)}); {_admit_hint(name, value)}")
         return f"{head}: " + "; ".join(parts)
     closest = min(runnable, key=lambda c: max(x[2] for x in sel.limits.violations(c).values()))
-    needs = " and ".join(f"{_value(n, v)} (budget {_limit(n, lim)})"
+    needs = " and ".join(f"{_amount(n, v)} (budget {_budget_text(n, lim)})"
                          for n, (v, lim, _) in sel.limits.violations(closest).items())
     return f"{head}: every candidate misses two or more budgets; the closest, {closest.label}, needs {needs}"
 
@@ -192,10 +197,10 @@ def _violation(name: str, value: float, limit: float) -> str:
     if name == "accuracy":
         return f"below --min-accuracy: {value:.2f}% < {limit:g}%"
     why = {"latency": "too slow", "RAM": "too big (RAM)", "storage": "too big (storage)"}[name]
-    return f"{why}: {_value(name, value)} > {_limit(name, limit)}"
+    return f"{why}: {_amount(name, value)} > {_budget_text(name, limit)}"
 
 
-def _dominates(a: Candidate, b: Candidate) -> bool:
+def _dominates(a: PickCandidate, b: PickCandidate) -> bool:
     ge = a.accuracy >= b.accuracy and a.p90 <= b.p90 and a.ram <= b.ram and a.bytes <= b.bytes
     return ge and (a.accuracy > b.accuracy or a.p90 < b.p90 or a.ram < b.ram or a.bytes < b.bytes)
 
@@ -247,17 +252,17 @@ def _choose_all(sel: Selection) -> Selection:
     return sel
 
 
-def is_student(c: Candidate) -> bool:
+def is_student(c: PickCandidate) -> bool:
     """A chain student or an ensemble prefix; not the teacher or a baseline (which pick weighs all the same)."""
     model = str(c.artifact.entry.get("model", ""))
     return model.startswith(("chain/", "ensemble["))
 
 
-def candidates(run: Path, profile: DeviceProfile) -> list[Candidate]:
+def pick_candidates(run: Path, profile: DeviceProfile) -> list[PickCandidate]:
     if not (run / "export").is_dir():
         raise RunError(f"{run}: nothing exported yet; export first (edgepkd export {run} --target "
                        f"{profile.format}-fp32), or run edgepkd distill RECIPE --device {profile.name}")
-    return [Candidate(a) for a in resolve([str(run)], profile)]
+    return [PickCandidate(a) for a in resolve([str(run)], profile)]
 
 
 def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = None,
@@ -271,7 +276,7 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
                     profile.budget.storage_mib, min_accuracy)
     if limits.latency_ms <= 0:
         raise EdgepkdError(f"--latency-ms {latency_ms}: must be positive")
-    sel = Selection(profile, limits, candidates(run, profile))
+    sel = Selection(profile, limits, pick_candidates(run, profile))
     if early_exit:
         sel.early_exits = early_exit_candidates(run, profile)
     for c in sel.candidates:
@@ -288,7 +293,7 @@ def pick(run_path: str, profile: DeviceProfile, *, latency_ms: float | None = No
                        f"(e.g. {todo[0].artifact.key}); run: edgepkd bench {run} --device {profile.name}")
     if todo:
         log(f"bench on '{profile.name}': {len(todo)} candidate(s) without a current result")
-        outcome = bench([c.artifact for c in todo], profile, options, log=log)
+        outcome = bench_artifacts([c.artifact for c in todo], profile, options, log=log)
         got = {id(a): r for a, r in outcome.results}
         err = {id(a): e for a, e in outcome.errors}
         for c in todo:
@@ -315,7 +320,7 @@ def record(sel: Selection, run: Path) -> Selection:
     return sel
 
 
-def render(sel: Selection) -> str:
+def render_selection(sel: Selection) -> str:
     p = sel.profile
     mode = ("TFLite Micro on this host: RAM (arena) and accuracy measured, latency ESTIMATED"
             if p.runtime == "tflite-micro" else "ESTIMATED" if p.estimated else f"measured, {p.threads} thread(s)")

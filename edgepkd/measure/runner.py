@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """edgepkd's device runner: time exported models in the runtime a device actually has.
 
-One file, no edgepkd imports: the standard library, numpy and one runtime (``tflite_runtime``,
-``ai_edge_litert`` or ``tensorflow`` for .tflite; ``onnxruntime`` for .onnx; ``executorch_numpy_runtime``, or
-``executorch`` (which imports torch) for .pte). Copy it to a device and run
+Two files, nothing else of edgepkd: this one and the runtime adapters it opens artifacts with
+(``edgepkd/compress/runtimes.py``, which export verification uses too), on the standard library, numpy and one
+runtime (``tflite_runtime``, ``ai_edge_litert`` or ``tensorflow`` for .tflite; ``onnxruntime`` for .onnx;
+``executorch_numpy_runtime``, or ``executorch`` (which imports torch) for .pte). Copy both into one folder on a
+device (``edgepkd bench`` does, over ssh) and run
 
     python3 runner.py chain-s2.tflite [more.tflite ...] [--images test-images.npz] [--threads 4]
 
@@ -38,43 +40,51 @@ the runner torch-free. The ``executorch`` wheel's runtime imports torch (its pyb
 using it needs torch too. ``"torch_imported"`` in each result says which was the case.
 
 Exit status: 0 all ran, 2 an artifact could not be run (or is not the file its manifest describes), 3 this
-device lacks numpy or a runtime.
+device lacks numpy or a runtime (or runtimes.py is not beside this file).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import os
 import platform
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
-RUNTIMES = {"tflite": ("tflite_runtime", "ai_edge_litert", "tensorflow"), "onnx": ("onnxruntime",),
-            "executorch": ("executorch_numpy_runtime", "executorch")}
-INSTALL = {"tflite": "pip install 'numpy<2' tflite-runtime (or ai-edge-litert)", "onnx": "pip install onnxruntime",
-           "executorch": "pip install executorch-numpy-runtime (Python >= 3.12, torch-free), or pip install "
-                         "executorch==1.5.1 torch==2.14.1"}
-SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".pte": "executorch"}
-PTE_METADATA_METHOD = "edgepkd_metadata"   # the .pte's constant method holding edgepkd's metadata (JSON bytes)
+
+def _load_runtimes():
+    """compress/runtimes.py, the runtime adapters this runner runs artifacts with: from the package when this is
+    ``edgepkd.measure.runner``; run as a script, the copy beside this file (a device: edgepkd bench copies both)
+    or else edgepkd's own (``python edgepkd/measure/runner.py``), never some other installed edgepkd's."""
+    if __package__:
+        import edgepkd.compress.runtimes as runtimes
+        return runtimes
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.path.join(here, "runtimes.py"), os.path.join(here, os.pardir, "compress", "runtimes.py")):
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("runtimes", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    sys.stderr.write("runner: error: runtimes.py is missing: copy it next to runner.py (edgepkd/compress/"
+                     "runtimes.py; edgepkd bench copies both)\n")
+    sys.exit(3)
 
 
-class RunnerError(Exception):
-    """An artifact cannot be run here; the message is one line."""
+runtimes = _load_runtimes()
+RunnerError, EnvironmentMissing = runtimes.RunnerError, runtimes.EnvironmentMissing
+artifact_format, open_model = runtimes.artifact_format, runtimes.open_model
 
-    exit_code = 2
 
-
-class EnvironmentMissing(RunnerError):
-    """This device lacks numpy or the runtime."""
-
-    exit_code = 3
+def device_files() -> list[str]:
+    """What a device needs to run this runner, copied into one folder: this file and the runtimes.py it loads."""
+    return [os.path.abspath(__file__), os.path.abspath(runtimes.__file__)]
 
 
 class ArtifactChanged(RunnerError):
@@ -92,14 +102,6 @@ def integrity_problem(size: int, digest: str, entry: dict) -> str | None:
     if digest != want_sha:
         return f"sha256 {digest[:12]}..., but manifest.json says {want_sha[:12]}... (changed since export)"
     return None
-
-
-def artifact_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SUFFIXES:
-        return SUFFIXES[ext]
-    raise RunnerError(f"{path}: not a .tflite, .onnx or .pte file (the runner runs TFLite, ONNX and ExecuTorch "
-                      "artifacts)")
 
 
 # ----------------------------------------------------------------------------------------------- flatbuffers
@@ -197,254 +199,6 @@ def tflite_activation_bytes(buf: bytes) -> int:
     return int(total)
 
 
-# ------------------------------------------------------------------------------------------------ runtimes
-@contextlib.contextmanager
-def _quiet_stderr(captured: list | None = None):
-    """TFLite's native code prints 'INFO: Created TensorFlow Lite XNNPACK delegate' straight to fd 2; the executorch
-    wheel's runtime logs through Python's sys.stderr. Both are kept out of the output; with ``captured``, what was
-    written is appended to it (a load error's native reason)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    python_level = io.StringIO()
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            with contextlib.redirect_stderr(python_level):
-                yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if captured is not None:
-                sink.seek(0)
-                captured.append(sink.read().decode("utf-8", "replace") + python_level.getvalue())
-
-
-def _detail(e: BaseException) -> str:
-    """``e``'s message on one line (whitespace runs collapsed: runtimes put the reason on later lines), or its
-    type's name. This file needs only numpy and a runtime, so it keeps its own copy of edgepkd.errors.first_line's
-    job."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _native_reason(text: str) -> str:
-    """The last line an ExecuTorch runtime logged as an error ('E ... program.cpp:114] File size is too small...',
-    or '[program.cpp:114] ...'), without its prefix; '' when none."""
-    lines = [line.strip() for line in text.splitlines() if "] " in line and not line.lstrip().startswith("I ")]
-    return lines[-1].split("] ", 1)[1] if lines else ""
-
-
-def _import_runtime(fmt: str, wanted: str):
-    """(module name, version, Interpreter class or onnxruntime module) of the first runtime found."""
-    names = RUNTIMES[fmt] if wanted == "auto" else (wanted,)
-    if wanted != "auto" and wanted not in RUNTIMES[fmt]:
-        raise RunnerError(f"--runtime {wanted} does not run {fmt} files (use one of {', '.join(RUNTIMES[fmt])})")
-    for name in names:
-        try:
-            if name == "tflite_runtime":
-                import tflite_runtime
-                from tflite_runtime.interpreter import Interpreter
-                return name, tflite_runtime.__version__, Interpreter
-            if name == "ai_edge_litert":
-                import ai_edge_litert
-                from ai_edge_litert.interpreter import Interpreter
-                return name, getattr(ai_edge_litert, "__version__", "unknown"), Interpreter
-            if name == "tensorflow":
-                import tensorflow as tf
-                return name, tf.__version__, tf.lite.Interpreter
-            if name == "executorch_numpy_runtime":
-                import executorch_numpy_runtime as etnp
-                return name, f"{etnp.__version__} (ExecuTorch {etnp.__et_version__})", etnp
-            if name == "executorch":
-                return name, *_official_executorch()
-            import onnxruntime
-            return name, onnxruntime.__version__, onnxruntime
-        except ImportError:
-            continue
-    raise EnvironmentMissing(f"no {fmt} runtime on this device (tried {', '.join(names)}): {INSTALL[fmt]}")
-
-
-def _official_executorch():
-    """(version, executorch.runtime module) of the ``executorch`` wheel, whose runtime imports torch (its pybindings
-    link libtorch); its import-time notices (an experimental-API warning, torch's logging) are silenced."""
-    import warnings
-
-    with warnings.catch_warnings(), _quiet_stderr():
-        warnings.simplefilter("ignore")
-        import executorch.runtime
-        from executorch.version import __version__
-    return __version__, executorch.runtime
-
-
-class TFLiteModel:
-    def __init__(self, path: str, threads: int, runtime: str):
-        import numpy as np
-
-        self.np = np
-        self.runtime, self.version, interpreter = _import_runtime("tflite", runtime)
-        try:
-            with _quiet_stderr():
-                self.interpreter = interpreter(model_path=path, num_threads=threads)
-                self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
-            detail = _detail(e)
-            hint = (": the model uses an op version newer than this runtime knows (install ai-edge-litert, or "
-                    "bench an export target this runtime supports)" if "version" in detail and "builtin" in detail
-                    else "")
-            raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot run it{hint} "
-                              f"({detail[:300]})") from None
-        self.inp = self.interpreter.get_input_details()[0]
-        self.out = self.interpreter.get_output_details()[0]
-
-    def io(self) -> dict:
-        def describe(d):
-            out = {"shape": [int(s) for s in d["shape"]], "dtype": self.np.dtype(d["dtype"]).name}
-            if d["dtype"] not in (self.np.float32, self.np.float16):
-                out["quantization"] = {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}
-            return out
-
-        return {"input": describe(self.inp), "output": describe(self.out)}
-
-    def prepare(self, x):
-        """float (1, C, H, W) -> the input tensor's dtype (int8/uint8 quantized with the interpreter's scale)."""
-        np = self.np
-        if self.inp["dtype"] in (np.float32, np.float16):
-            return x.astype(self.inp["dtype"])
-        scale, zero = self.inp["quantization"]
-        info = np.iinfo(self.inp["dtype"])
-        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(self.inp["dtype"])
-
-    def run(self, prepared):
-        self.interpreter.set_tensor(self.inp["index"], prepared)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.out["index"])
-
-    def logits(self, raw):
-        if raw.dtype in (self.np.float32, self.np.float16):
-            return raw.astype(self.np.float32)
-        scale, zero = self.out["quantization"]
-        return (raw.astype(self.np.float32) - zero) * scale
-
-
-class OnnxModel:
-    def __init__(self, path: str, threads: int, runtime: str):
-        import numpy as np
-
-        self.np = np
-        self.runtime, self.version, ort = _import_runtime("onnx", runtime)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
-            detail = _detail(e)
-            raise RunnerError(f"{os.path.basename(path)}: onnxruntime {self.version} cannot load it "
-                              f"({detail[:300]})") from None
-        self.inp = self.session.get_inputs()[0]
-        self.out = self.session.get_outputs()[0]
-
-    def io(self) -> dict:
-        def describe(d):
-            return {"name": d.name, "shape": [s if isinstance(s, int) else str(s) for s in d.shape],
-                    "dtype": d.type.replace("tensor(", "").replace(")", "").replace("float", "float32")}
-
-        return {"input": describe(self.inp), "output": describe(self.out)}
-
-    def prepare(self, x):
-        return x.astype(self.np.float32)
-
-    def run(self, prepared):
-        return self.session.run(None, {self.inp.name: prepared})[0]
-
-    def logits(self, raw):
-        return raw.astype(self.np.float32)
-
-
-class ExecuTorchModel:
-    """A .pte program's ``forward`` in ``executorch_numpy_runtime`` (numpy in and out, no torch) or in the
-    ``executorch`` wheel's ``executorch.runtime`` (torch tensors in and out; the runtime imports torch itself).
-
-    The adapter for a .pte anywhere (edgepkd's export verification and the benchmarks use it too):
-    ``m = ExecuTorchModel(path, threads=1, runtime="auto")``, then ``m.logits(m.run(m.prepare(x)))`` for a
-    float32 (1, C, H, W) array ``x``; ``m.metadata()`` is the embedded metadata. ``threads`` None leaves
-    ExecuTorch's thread pool as it is; ``m.threads`` is the pool's size, None where the runtime cannot tell."""
-
-    def __init__(self, path: str, threads: int | None = 1, runtime: str = "auto"):
-        import numpy as np
-
-        self.np = np
-        self.runtime, self.version, rt = _import_runtime("executorch", runtime)
-        self.numpy_runtime = self.runtime == "executorch_numpy_runtime"
-        self.threads = None
-        log: list[str] = []
-        try:
-            with _quiet_stderr(log):  # ExecuTorch logs cpuinfo probes and the reason of a failed load
-                self.program = rt.Runtime.get().load_program(path)
-                if not self.numpy_runtime:
-                    self.threads = self._set_threads(threads)
-                self.forward = self.program.load_method("forward")
-        except Exception as e:  # the runtimes' own types: ProgramLoadError, RuntimeError ('error: 0x:23')
-            detail = _detail(e)
-            reason = _native_reason("".join(log))
-            raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot load it "
-                              f"({detail[:200]}{'; ' + reason[:200] if reason else ''})") from None
-        if self.numpy_runtime:
-            meta = self.forward.metadata
-            self.in_shape = list(meta["inputs"][0]["shape"])
-            self.out_shape = list(meta["outputs"][0]["shape"])
-        else:
-            meta = self.forward.metadata
-            self.in_shape = list(meta.input_tensor_meta(0).sizes())
-            self.out_shape = list(meta.output_tensor_meta(0).sizes())
-            self.torch = sys.modules["torch"]  # imported by executorch.runtime, not by this runner
-
-    @staticmethod
-    def _set_threads(threads: int | None) -> int | None:
-        from executorch.extension.pybindings import portable_lib
-
-        if threads is not None and portable_lib._threadpool_get_thread_count() != threads:
-            portable_lib._unsafe_reset_threadpool(threads)
-        return portable_lib._threadpool_get_thread_count()
-
-    def io(self) -> dict:
-        return {"input": {"shape": self.in_shape, "dtype": "float32"},
-                "output": {"shape": self.out_shape, "dtype": "float32"}}
-
-    def prepare(self, x):
-        x = self.np.ascontiguousarray(x, dtype=self.np.float32)
-        return x if self.numpy_runtime else self.torch.from_numpy(x)
-
-    def run(self, prepared):
-        if self.numpy_runtime:
-            return self.forward([prepared])[0]
-        return self.forward.execute([prepared])[0]
-
-    def logits(self, raw):
-        return (raw if self.numpy_runtime else raw.numpy()).astype(self.np.float32)
-
-    def metadata(self) -> dict:
-        """The JSON of the constant method 'edgepkd_metadata' (uint8 bytes); {} when the program has none."""
-        names = self.program.method_names
-        if PTE_METADATA_METHOD not in names:
-            return {}
-        with _quiet_stderr():
-            method = self.program.load_method(PTE_METADATA_METHOD)
-            raw = method([]) if self.numpy_runtime else method.execute([])
-        data = raw[0] if self.numpy_runtime else raw[0].numpy()
-        return json.loads(self.np.asarray(data, dtype=self.np.uint8).tobytes().decode())
-
-
-def open_model(path: str, threads: int | None = 1, runtime: str = "auto"):
-    """The runner's model for ``path`` by its suffix (TFLiteModel, OnnxModel or ExecuTorchModel), each with
-    ``prepare(x)`` (float32 (1, C, H, W) -> the runtime's input), ``run(prepared)`` (one timed inference),
-    ``logits(raw)`` (-> float32 (1, K)), ``io()``, ``runtime`` and ``version``."""
-    fmt = artifact_format(path)
-    if fmt == "executorch":
-        return ExecuTorchModel(path, threads, runtime)
-    return (TFLiteModel if fmt == "tflite" else OnnxModel)(path, threads or 1, runtime)
-
-
 # ------------------------------------------------------------------------------------------- measurement
 def metadata_for(path: str) -> tuple[dict, str]:
     """(manifest entry or embedded metadata, where it came from)."""
@@ -515,12 +269,13 @@ def summarize(times: list) -> dict:
             "std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, "min": float(ms.min()), "max": float(ms.max())}
 
 
-def bench(path: str, args) -> dict:
+def measure_artifact(path: str, args) -> dict:
+    """The JSON object of one artifact (see the module docstring); RunnerError when it cannot run."""
     try:
         import numpy as np
     except ImportError:
         raise EnvironmentMissing(f"numpy is not installed for {sys.executable}: "
-                                 f"{INSTALL[artifact_format(path)]}") from None
+                                 f"{runtimes.INSTALL[artifact_format(path)]}") from None
     if not os.path.isfile(path):
         raise RunnerError(f"{path}: no such file")
     fmt = artifact_format(path)
@@ -537,22 +292,21 @@ def bench(path: str, args) -> dict:
         if problem:
             raise ArtifactChanged(f"{path}: {problem}; re-export it (edgepkd export RUN --target TARGET), or copy "
                                   "it again with its manifest.json")
-    _import_runtime(fmt, args.runtime)  # imported before the baseline: its code is not the model's memory
+    runtimes.import_runtime(fmt, args.runtime)  # imported before the baseline: its code is not the model's memory
 
     baseline = peak_rss_bytes()
     t0 = time.perf_counter()
     model = open_model(path, args.threads, args.runtime)
     load_ms = (time.perf_counter() - t0) * 1e3
     if fmt == "onnx" and not meta:
-        custom = model.session.get_modelmeta().custom_metadata_map
-        meta = {k: json.loads(v) for k, v in custom.items()}
+        meta = model.metadata()
         meta_source = "embedded" if meta else "none"
     if fmt == "executorch" and not meta:
         try:
             meta = model.metadata()
         except (ValueError, UnicodeDecodeError, RuntimeError) as e:
-            raise RunnerError(f"{path}: its '{PTE_METADATA_METHOD}' method does not hold edgepkd's JSON "
-                              f"({_detail(e)[:200]})") from None
+            raise RunnerError(f"{path}: its '{runtimes.PTE_METADATA_METHOD}' method does not hold edgepkd's JSON "
+                              f"({runtimes.one_line(e)[:200]})") from None
         meta_source = "embedded" if meta else "none"
 
     io = model.io()
@@ -571,7 +325,7 @@ def bench(path: str, args) -> dict:
         source = f"one standard-normal input (seed {args.seed})"
 
     # warm-up (benchmark_model: --warmup_runs, --warmup_min_secs); ExecuTorch logs its cpuinfo probes on the first run
-    with _quiet_stderr():
+    with runtimes.quiet_stderr():
         warm, warm_s = timed_loop(lambda i: model.run(inputs[i]), len(inputs), args.warmup_runs,
                                   args.warmup_seconds, args.max_seconds)
     accuracy = None
@@ -661,7 +415,7 @@ def main(argv=None) -> int:
             code, obj = _run_child(path, options)
         else:
             try:
-                code, obj = 0, bench(path, args)
+                code, obj = 0, measure_artifact(path, args)
             except RunnerError as e:
                 kind = ("environment" if isinstance(e, EnvironmentMissing) else
                         "integrity" if isinstance(e, ArtifactChanged) else "artifact")
