@@ -53,6 +53,11 @@ class ExportFormat:
         """The runtime adapter that verification runs this format's artifacts in."""
         raise NotImplementedError(self.name)
 
+    def second_opinions(self, path: Path) -> list:
+        """Other ways a device may run this format's artifacts (adapters, as ``open``), cross-checked on part of the
+        test split after verification (``verify.cross_check``); [] for most formats."""
+        return []
+
     def read_metadata(self, path: Path) -> dict:
         """The metadata an artifact carries (preprocessing, labels, provenance)."""
         return self.exporter().read_metadata(path)
@@ -93,6 +98,11 @@ class TFLite(ExportFormat):
 
     def open_runtime(self, path: Path):
         return runtimes.TFLiteModel(str(path), threads=1, runtime="ai_edge_litert")
+
+    def second_opinions(self, path: Path) -> list:
+        # TFLite's builtin kernels, as where XNNPACK is off or a GPU/NNAPI delegate falls back: they run some ops
+        # in place, and a graph whose buffers alias wrongly gives other logits there (issue #13 found one)
+        return [runtimes.TFLiteModel(str(path), threads=1, runtime="ai_edge_litert", kernels="builtin")]
 
 
 @_register

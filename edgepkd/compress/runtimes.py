@@ -178,14 +178,26 @@ class TFLiteModel(Adapter):
     """A .tflite in ``tflite_runtime``, ``ai_edge_litert`` or ``tensorflow``'s Interpreter; int8 / uint8 inputs and
     outputs (de)quantized with the scale and zero point the interpreter reports."""
 
-    def __init__(self, path: str, threads: int = 1, runtime: str = "auto"):
+    def __init__(self, path: str, threads: int = 1, runtime: str = "auto", kernels: str = "default"):
+        """``kernels``: 'default' (the interpreter's default delegate, XNNPACK) or 'builtin' (TFLite's own kernels,
+        no default delegate: what runs where XNNPACK is off or a delegate falls back)."""
+        import sys
+
         import numpy as np
 
         self.np = np
         self.runtime, self.version, interpreter = import_runtime("tflite", runtime)
+        extra = {}
+        if kernels == "builtin":
+            resolver = getattr(sys.modules[interpreter.__module__], "OpResolverType", None)
+            if resolver is None:
+                raise RunnerError(f"{os.path.basename(path)}: {self.runtime} {self.version} cannot choose its "
+                                  "kernels (no OpResolverType)")
+            extra["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            self.runtime += " (builtin kernels)"
         try:
             with quiet_stderr():
-                self.interpreter = interpreter(model_path=str(path), num_threads=threads)
+                self.interpreter = interpreter(model_path=str(path), num_threads=threads, **extra)
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             detail = one_line(e)

@@ -8,16 +8,24 @@ or fail, and failing is the default outcome of a miss. fp32: every logit of ever
 so a model with large logits is held to float rounding of its own magnitude (an fp32 diff of 1.5e-4 on a logit
 of 40 is 4e-6 of it), while a wrong graph or weight still fails: its differences are not proportional to the
 logits' rounding. int8: the accuracy drop (and top-1 agreement when the target asks).
+
+A format may name second opinions, other ways a device runs the same file (TFLite: its builtin kernels without
+XNNPACK). ``cross_check`` runs each on the first ``CROSS_CHECK_IMAGES`` test images: fp32 targets are held to the
+same logit bound against PyTorch, int8 ones to >= ``CROSS_CHECK_AGREEMENT`` % top-1 agreement with the verified
+runtime (int8 kernels may round differently; a wrong graph agrees far less).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from edgepkd.compress.targets import ExportTarget
+
+CROSS_CHECK_IMAGES = 256
+CROSS_CHECK_AGREEMENT = 98.0
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Verification:
     runtime: str
     runtime_version: str
     failures: list[str]
+    cross_checks: list[dict] = field(default_factory=list)  # one per second opinion (``cross_check``)
 
     @property
     def passed(self) -> bool:
@@ -50,22 +59,49 @@ def verify(artifact, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch
     acc = 100.0 * float((out.argmax(1) == y).mean())
     ref_acc = 100.0 * float((ref.argmax(1) == y).mean())
     agreement = 100.0 * float((out.argmax(1) == ref.argmax(1)).mean())
-    diff = np.abs(out - ref)                                                          # (N, K)
-    max_diff = float(diff.max())
-    v, failures = target.verify, []
-    if v.max_abs_diff is not None or v.max_rel_diff is not None:
-        atol, rtol = v.max_abs_diff or 0.0, v.max_rel_diff or 0.0
-        excess = diff - (atol + rtol * np.abs(ref))                                    # (N, K): > 0 fails
-        bad = ~(excess <= 0)                                                           # NaN fails too
-        if bad.any():
-            worst = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(excess, nan=np.inf), -np.inf)),
-                                     excess.shape)
-            allowed = f"{atol:g}" if not rtol else f"{atol:g} + {rtol:g}·|ref| = {atol + rtol * abs(ref[worst]):.3g}"
-            failures.append(f"|logit diff| {diff[worst]:.3g} at a logit of {ref[worst]:.3g} > {allowed} "
-                            f"(max |logit diff| {max_diff:.3g}, {int(bad.sum())} of {bad.size} logits over)")
+    v, failures = target.verify, _logit_failures(np.abs(out - ref), ref, target)
+    max_diff = float(np.abs(out - ref).max())
     if v.max_accuracy_drop is not None and not ref_acc - acc <= v.max_accuracy_drop:
         failures.append(f"accuracy {acc:.2f}% is {ref_acc - acc:.2f} points below PyTorch's {ref_acc:.2f}% "
                         f"(allowed {v.max_accuracy_drop:g})")
     if v.min_agreement is not None and not agreement >= v.min_agreement:
         failures.append(f"top-1 agreement {agreement:.2f}% < {v.min_agreement:g}%")
-    return Verification(len(y), acc, ref_acc, agreement, max_diff, artifact.runtime, artifact.version, failures)
+    result = Verification(len(y), acc, ref_acc, agreement, max_diff, artifact.runtime, artifact.version, failures)
+    result._out, result._ref = out, ref                  # for cross_check; not part of the record
+    return result
+
+
+def _logit_failures(diff, ref, target: ExportTarget) -> list[str]:
+    """The fp32 logit bound (``max_abs_diff + max_rel_diff * |ref|``): [] or one failure line."""
+    v = target.verify
+    if v.max_abs_diff is None and v.max_rel_diff is None:
+        return []
+    atol, rtol = v.max_abs_diff or 0.0, v.max_rel_diff or 0.0
+    excess = diff - (atol + rtol * np.abs(ref))                                        # (N, K): > 0 fails
+    bad = ~(excess <= 0)                                                               # NaN fails too
+    if not bad.any():
+        return []
+    worst = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(excess, nan=np.inf), -np.inf)), excess.shape)
+    allowed = f"{atol:g}" if not rtol else f"{atol:g} + {rtol:g}·|ref| = {atol + rtol * abs(ref[worst]):.3g}"
+    return [f"|logit diff| {diff[worst]:.3g} at a logit of {ref[worst]:.3g} > {allowed} "
+            f"(max |logit diff| {float(np.nanmax(diff)):.3g}, {int(bad.sum())} of {bad.size} logits over)"]
+
+
+def cross_check(result: Verification, others: list, x_test: torch.Tensor, target: ExportTarget) -> Verification:
+    """Run each second opinion (an adapter) on the first ``CROSS_CHECK_IMAGES`` images that ``result`` verified;
+    record it in ``result.cross_checks`` and add its failures (prefixed with its runtime) to ``result.failures``."""
+    n = min(CROSS_CHECK_IMAGES, len(x_test))
+    for other in others:
+        out = np.concatenate([other(x_test[i:i + 1].numpy()) for i in range(n)]).astype(np.float32)  # (n, K)
+        ref, primary = result._ref[:n], result._out[:n]
+        agreement = 100.0 * float((out.argmax(1) == primary.argmax(1)).mean())
+        diff = np.abs(out - ref)                                                        # (n, K)
+        if target.precision == "fp32":
+            failures = _logit_failures(diff, ref, target)
+        else:
+            failures = ([] if agreement >= CROSS_CHECK_AGREEMENT else
+                        [f"top-1 agreement with {result.runtime} {agreement:.2f}% < {CROSS_CHECK_AGREEMENT:g}%"])
+        result.cross_checks.append({"runtime": other.runtime, "images": n, "max_abs_diff": float(np.nanmax(diff)),
+                                    "agreement": agreement, "passed": not failures})
+        result.failures += [f"{other.runtime}: {f}" for f in failures]
+    return result
