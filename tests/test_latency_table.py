@@ -79,3 +79,14 @@ def test_latency_progression_times_real_exports_on_the_host(tiny_recipe, tmp_pat
     assert len(plan) == 2 and plan[1]["p50_ms"] < plan[0]["p50_ms"]
     table = json.loads((tmp_path / "cache" / "latency" / "host.json").read_text())
     assert all(not e["estimated"] and e["p50_ms"] > 0 for e in table["entries"].values())
+
+
+def test_latency_table_times_candidates_as_the_devices_fp32_target_or_says_it_has_none():
+    from edgepkd.errors import ConfigError
+    from edgepkd.measure.latency_table import fp32_target
+
+    assert {fmt: fp32_target(fmt, "d").name for fmt in ("tflite", "onnx", "executorch")} == {
+        "tflite": "tflite-fp32", "onnx": "onnx-fp32", "executorch": "executorch-fp32"}
+    with pytest.raises(ConfigError, match=r"device 'cortex-m7' runs tflite-micro files, which no fp32 export "
+                                          r"target has: use by: flops"):
+        fp32_target("tflite-micro", "cortex-m7")

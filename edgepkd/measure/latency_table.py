@@ -21,7 +21,20 @@ import edgepkd
 from edgepkd.measure.devices import DeviceProfile
 from edgepkd.rundir import atomic_write_json, read_json
 
-FP32_TARGET = {"tflite": "tflite-fp32", "onnx": "onnx-fp32"}
+def fp32_target(fmt: str, device: str):
+    """The built-in (or ./export/) fp32 target of export format ``fmt``, which candidates are timed as; a one-line
+    ConfigError when the format has none (TFLite Micro: int8 only)."""
+    from edgepkd.compress.targets import load_targets
+    from edgepkd.errors import ConfigError
+
+    targets = load_targets()
+    found = [targets.get(n) for n in targets.names() if targets.get(n).format == fmt
+             and targets.get(n).precision == "fp32"]
+    if not found:
+        raise ConfigError(f"students.progression.by: latency times candidates as fp32 exports, and device "
+                          f"'{device}' runs {fmt} files, which no fp32 export target has: use by: flops, or a "
+                          "device whose runtime runs an fp32 format")
+    return next((t for t in found if t.name == f"{fmt}-fp32"), found[0])
 
 
 def cache_dir() -> Path:
@@ -39,6 +52,7 @@ class LatencyTable:
         self.options = options or BenchOptions(images=False)
         self.options.images = False                 # one random input: the timing needs no data
         self.settings = _settings(profile, self.options)
+        self.target = fp32_target(profile.format, profile.name)       # checked before any training
         self.log = log
         self.path = path or cache_dir() / f"{profile.name}.json"
         self.data = read_json(self.path, {"entries": dict}, "a latency table", "delete it to measure again",
@@ -105,12 +119,11 @@ class LatencyTable:
         import torch
 
         from edgepkd.compress.export import sha256
-        from edgepkd.compress.targets import load_targets
         from edgepkd.measure.bench import Artifact
         from edgepkd.models import export_mode
         from edgepkd.models.flops import count_flops
 
-        target = load_targets().get(FP32_TARGET[self.profile.format])
+        target = self.target
         example = torch.randn(1, *self.input_shape)
         entries, arts = [], []
         for i, spec in enumerate(specs):
