@@ -100,22 +100,22 @@ class Perturbed(Float64Model):
 
 
 def test_a_second_opinion_that_disagrees_fails_verification_and_one_that_agrees_is_recorded(scaled_student):
-    from edgepkd.compress.verify import CROSS_CHECK_IMAGES, cross_check
+    from edgepkd.compress.verify import CROSS_CHECK_IMAGES
 
     model, x, y = scaled_student
     t = target(max_abs_diff=1e-4, max_rel_diff=1e-5)
-    result = cross_check(verify(Float64Model(model), model, x, y, t), [Float64Model(model)], x, t)
+    result = verify(Float64Model(model), model, x, y, t, [Float64Model(model)])
     assert result.passed, result.failures
     assert result.cross_checks == [{"runtime": "torch-float64", "images": min(CROSS_CHECK_IMAGES, len(x)),
                                     "max_abs_diff": result.cross_checks[0]["max_abs_diff"], "agreement": 100.0,
                                     "passed": True}]
     assert "cross_checks" in result.as_dict() and "_out" not in result.as_dict()
-    bad = cross_check(verify(Float64Model(model), model, x, y, t), [Perturbed(model)], x, t)
+    bad = verify(Float64Model(model), model, x, y, t, [Perturbed(model)])
     assert not bad.passed and bad.failures[0].startswith("perturbed: |logit diff|"), bad.failures
     assert bad.cross_checks[0]["passed"] is False
     # int8 targets: judged by top-1 agreement with the verified runtime
     t8 = ExportTarget("t8", "onnx", "int8", quantization=QuantConfig(method="ort_dynamic"),
                       verify=VerifyConfig(max_accuracy_drop=100.0))
-    assert cross_check(verify(Float64Model(model), model, x, y, t8), [Perturbed(model, 1.001)], x, t8).passed
-    wrong = cross_check(verify(Float64Model(model), model, x, y, t8), [Perturbed(model, -1.0)], x, t8)
+    assert verify(Float64Model(model), model, x, y, t8, [Perturbed(model, 1.001)]).passed
+    wrong = verify(Float64Model(model), model, x, y, t8, [Perturbed(model, -1.0)])
     assert not wrong.passed and "top-1 agreement with torch-float64" in wrong.failures[0], wrong.failures

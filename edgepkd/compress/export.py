@@ -22,7 +22,7 @@ import torch.nn as nn
 
 import edgepkd
 from edgepkd.compress.targets import ExportTarget
-from edgepkd.compress.verify import Verification, cross_check, verify
+from edgepkd.compress.verify import Verification, verify
 from edgepkd.errors import EdgepkdError, RunError, first_line
 from edgepkd.models.ensemble import EnsemblePrefix
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
@@ -175,9 +175,8 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             with export_mode(net, scan=target.scan, fmt=target.format):
                 fmt.export(net, example, tmp, target, calibration, meta)
             model = fmt.open(tmp)                                           # in its runtime
-            result = verify(model, net, x_test, data.test.y, target) if do_verify else None
-            if result is not None:
-                cross_check(result, fmt.second_opinions(tmp), x_test, target)
+            result = (verify(model, net, x_test, data.test.y, target, fmt.second_opinions(tmp)) if do_verify
+                      else None)
         except EdgepkdError:
             _cleanup(tmp)
             raise

@@ -55,7 +55,7 @@ class ExportFormat:
 
     def second_opinions(self, path: Path) -> list:
         """Other ways a device may run this format's artifacts (adapters, as ``open``), cross-checked on part of the
-        test split after verification (``verify.cross_check``); [] for most formats."""
+        test split by ``verify``; [] for most formats."""
         return []
 
     def read_metadata(self, path: Path) -> dict:

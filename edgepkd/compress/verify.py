@@ -10,7 +10,7 @@ of 40 is 4e-6 of it), while a wrong graph or weight still fails: its differences
 logits' rounding. int8: the accuracy drop (and top-1 agreement when the target asks).
 
 A format may name second opinions, other ways a device runs the same file (TFLite: its builtin kernels without
-XNNPACK). ``cross_check`` runs each on the first ``CROSS_CHECK_IMAGES`` test images: fp32 targets are held to the
+XNNPACK). ``verify`` runs each on the first ``CROSS_CHECK_IMAGES`` test images: fp32 targets are held to the
 same logit bound against PyTorch, int8 ones to >= ``CROSS_CHECK_AGREEMENT`` % top-1 agreement with the verified
 runtime (int8 kernels may round differently; a wrong graph agrees far less).
 """
@@ -38,7 +38,7 @@ class Verification:
     runtime: str
     runtime_version: str
     failures: list[str]
-    cross_checks: list[dict] = field(default_factory=list)  # one per second opinion (``cross_check``)
+    cross_checks: list[dict] = field(default_factory=list)  # one per second opinion (``_cross_check``)
 
     @property
     def passed(self) -> bool:
@@ -49,26 +49,30 @@ class Verification:
 
 
 def verify(artifact, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
-           target: ExportTarget) -> Verification:
+           target: ExportTarget, second_opinions: list = ()) -> Verification:
     """``artifact``: the exported file in its runtime (a compress/runtimes.py adapter, ``artifact(x) -> logits``);
-    ``x_test``: normalised float images (N, C, H, W), given to it one at a time (batch 1)."""
+    ``x_test``: normalised float images (N, C, H, W), given to it one at a time (batch 1); ``second_opinions``:
+    other adapters of the same file, cross-checked on the first ``CROSS_CHECK_IMAGES`` images."""
     with torch.no_grad():
         ref = torch.cat([model(x_test[i:i + 256]) for i in range(0, len(x_test), 256)]).numpy()  # (N, K)
-    out = np.concatenate([artifact(x_test[i:i + 1].numpy()) for i in range(len(x_test))]).astype(np.float32)
+    x = x_test.numpy()                                                                # (N, C, H, W)
+    out = np.concatenate([artifact(x[i:i + 1]) for i in range(len(x))]).astype(np.float32)  # (N, K)
     y = y_test.numpy()
     acc = 100.0 * float((out.argmax(1) == y).mean())
     ref_acc = 100.0 * float((ref.argmax(1) == y).mean())
     agreement = 100.0 * float((out.argmax(1) == ref.argmax(1)).mean())
-    v, failures = target.verify, _logit_failures(np.abs(out - ref), ref, target)
-    max_diff = float(np.abs(out - ref).max())
+    diff = np.abs(out - ref)                                                          # (N, K)
+    v, failures = target.verify, _logit_failures(diff, ref, target)
+    max_diff = float(diff.max())
     if v.max_accuracy_drop is not None and not ref_acc - acc <= v.max_accuracy_drop:
         failures.append(f"accuracy {acc:.2f}% is {ref_acc - acc:.2f} points below PyTorch's {ref_acc:.2f}% "
                         f"(allowed {v.max_accuracy_drop:g})")
     if v.min_agreement is not None and not agreement >= v.min_agreement:
         failures.append(f"top-1 agreement {agreement:.2f}% < {v.min_agreement:g}%")
-    result = Verification(len(y), acc, ref_acc, agreement, max_diff, artifact.runtime, artifact.version, failures)
-    result._out, result._ref = out, ref                  # for cross_check; not part of the record
-    return result
+    checks = [_cross_check(other, x, out, ref, artifact.runtime, target) for other in second_opinions]
+    failures += [f"{c['runtime']}: {f}" for c in checks for f in c.pop("failures")]
+    return Verification(len(y), acc, ref_acc, agreement, max_diff, artifact.runtime, artifact.version, failures,
+                        checks)
 
 
 def _logit_failures(diff, ref, target: ExportTarget) -> list[str]:
@@ -87,21 +91,17 @@ def _logit_failures(diff, ref, target: ExportTarget) -> list[str]:
             f"(max |logit diff| {float(np.nanmax(diff)):.3g}, {int(bad.sum())} of {bad.size} logits over)"]
 
 
-def cross_check(result: Verification, others: list, x_test: torch.Tensor, target: ExportTarget) -> Verification:
-    """Run each second opinion (an adapter) on the first ``CROSS_CHECK_IMAGES`` images that ``result`` verified;
-    record it in ``result.cross_checks`` and add its failures (prefixed with its runtime) to ``result.failures``."""
-    n = min(CROSS_CHECK_IMAGES, len(x_test))
-    for other in others:
-        out = np.concatenate([other(x_test[i:i + 1].numpy()) for i in range(n)]).astype(np.float32)  # (n, K)
-        ref, primary = result._ref[:n], result._out[:n]
-        agreement = 100.0 * float((out.argmax(1) == primary.argmax(1)).mean())
-        diff = np.abs(out - ref)                                                        # (n, K)
-        if target.precision == "fp32":
-            failures = _logit_failures(diff, ref, target)
-        else:
-            failures = ([] if agreement >= CROSS_CHECK_AGREEMENT else
-                        [f"top-1 agreement with {result.runtime} {agreement:.2f}% < {CROSS_CHECK_AGREEMENT:g}%"])
-        result.cross_checks.append({"runtime": other.runtime, "images": n, "max_abs_diff": float(np.nanmax(diff)),
-                                    "agreement": agreement, "passed": not failures})
-        result.failures += [f"{other.runtime}: {f}" for f in failures]
-    return result
+def _cross_check(other, x, primary, ref, primary_runtime: str, target: ExportTarget) -> dict:
+    """One second opinion (an adapter) on the first ``CROSS_CHECK_IMAGES`` images: its record, with the failures
+    (fp32: the logit bound against PyTorch; int8: top-1 agreement with the verified runtime's ``primary``)."""
+    n = min(CROSS_CHECK_IMAGES, len(x))                                                # x: (N, C, H, W)
+    out = np.concatenate([other(x[i:i + 1]) for i in range(n)]).astype(np.float32)              # (n, K)
+    agreement = 100.0 * float((out.argmax(1) == primary[:n].argmax(1)).mean())
+    diff = np.abs(out - ref[:n])                                                        # (n, K)
+    if target.precision == "fp32":
+        failures = _logit_failures(diff, ref[:n], target)
+    else:
+        failures = ([] if agreement >= CROSS_CHECK_AGREEMENT else
+                    [f"top-1 agreement with {primary_runtime} {agreement:.2f}% < {CROSS_CHECK_AGREEMENT:g}%"])
+    return {"runtime": other.runtime, "images": n, "max_abs_diff": float(np.nanmax(diff)), "agreement": agreement,
+            "passed": not failures, "failures": failures}

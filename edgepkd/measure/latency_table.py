@@ -27,9 +27,7 @@ def fp32_target(fmt: str, device: str):
     from edgepkd.compress.targets import load_targets
     from edgepkd.errors import ConfigError
 
-    targets = load_targets()
-    found = [targets.get(n) for n in targets.names() if targets.get(n).format == fmt
-             and targets.get(n).precision == "fp32"]
+    found = [t for _, t in load_targets().items() if t.format == fmt and t.precision == "fp32"]
     if not found:
         raise ConfigError(f"students.progression.by: latency times candidates as fp32 exports, and device "
                           f"'{device}' runs {fmt} files, which no fp32 export target has: use by: flops, or a "
