@@ -125,8 +125,13 @@ def ops(buf: bytes) -> list[tuple[str, int]]:
 def problems(buf: bytes) -> list[str]:
     """What TFLite Micro cannot run in this graph, one phrase each ([]: every op is a TFLite Micro builtin and every
     CONCATENATION has at most MAX_CONCAT_INPUTS inputs)."""
+    return problems_of(ops(buf))
+
+
+def problems_of(listed: list[tuple[str, int]]) -> list[str]:
+    """``problems`` of a graph's already listed ``ops``."""
     found = []
-    for name, n_inputs in ops(buf):
+    for name, n_inputs in listed:
         if name not in TFLM_OPS:
             found.append(f"{name} (not a TFLite Micro op)")
         elif name == "CONCATENATION" and n_inputs > MAX_CONCAT_INPUTS:
@@ -211,6 +216,7 @@ class TFLMModel(Adapter):
             raise TFLMError(f"{os.path.basename(self.path)}: TFLite Micro cannot load it in a {arena:,}-byte arena "
                             f"({first_line(e, 200)})") from None
         self.inp, self.out = self.interpreter.get_input_details(0), self.interpreter.get_output_details(0)
+        self._in_q, self._out_q = self._quant(self.inp), self._quant(self.out)   # read once, not per image
         self.version = version()
 
     @staticmethod
@@ -226,7 +232,7 @@ class TFLMModel(Adapter):
     def prepare(self, x):
         if self.inp["dtype"] == self.np.float32:
             return x.astype(self.np.float32)
-        return quantize(x, self.inp["dtype"], *self._quant(self.inp))
+        return quantize(x, self.inp["dtype"], *self._in_q)
 
     def run(self, prepared):
         self.interpreter.set_input(prepared, 0)
@@ -236,15 +242,16 @@ class TFLMModel(Adapter):
     def logits(self, raw):
         if raw.dtype == self.np.float32:
             return raw.reshape(1, -1)
-        return dequantize(raw, *self._quant(self.out)).reshape(1, -1)
+        return dequantize(raw, *self._out_q).reshape(1, -1)
 
 
 if __name__ == "__main__":   # python -m edgepkd.compress.tflm MODEL.tflite: its ops, problems and exact arena
     try:
         with open(sys.argv[1], "rb") as fh:
             blob = fh.read()
-        print(json.dumps({"ops": op_names(blob), "problems": problems(blob),
-                          "arena_bytes": None if problems(blob) else find_arena(sys.argv[1])}))
+        found = problems(blob)
+        print(json.dumps({"ops": op_names(blob), "problems": found,
+                          "arena_bytes": None if found else find_arena(sys.argv[1])}))
     except (IndexError, OSError, TFLMError) as e:
         detail = "usage: python -m edgepkd.compress.tflm MODEL.tflite" if isinstance(e, IndexError) else \
             (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) else str(e))

@@ -542,19 +542,19 @@ def tflm_measure(path, images=None, labels=None, preprocessing: dict | None = No
     W), preprocessed as ``preprocessing`` says) with ``labels``."""
     import numpy as np  # noqa: F401  (runner.preprocess reads it from sys.modules)
 
-    from edgepkd.compress.tflm import TFLM_OPS, TFLMError, TFLMModel, find_arena, op_names, ops, problems, version
+    from edgepkd.compress.tflm import TFLM_OPS, TFLMError, TFLMModel, find_arena, ops, problems_of, version
     from edgepkd.measure.runner import preprocess
 
     with open(path, "rb") as f:
         buf = f.read()
-    listed = ops(buf)
-    missing = problems(buf)
+    listed = ops(buf)                                                   # parsed once: names, inputs
+    missing = problems_of(listed)
     covered = sum(1 for name, _ in listed if name in TFLM_OPS)
     if missing:
         raise TFLMError(f"{Path(path).name}: TFLite Micro cannot run it ({covered} of {len(listed)} "
                         f"ops are TFLite Micro builtins): {', '.join(missing)}")
     arena = find_arena(path)
-    out = {"ops": op_names(buf), "op_count": len(listed), "op_coverage": covered / len(listed) if listed else 1.0,
+    out = {"ops": sorted({name for name, _ in listed}), "op_count": len(listed), "op_coverage": covered / len(listed) if listed else 1.0,
            "arena_bytes": arena, "flash_bytes": len(buf) + (-len(buf)) % 16,
            "flash_counts": "the model's byte array (the .tflite file, padded to 16 bytes); TFLite Micro's kernel "
                            "code and the application are not counted",

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepkd.errors import EdgepkdError, RunError
-from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _ms, bench_artifacts, check_artifact, \
-    format_table, now, plot_path, ram_bytes, resolve
+from edgepkd.measure.bench import Artifact, BenchOptions, BenchStore, _manifest, _ms, bench_artifacts, \
+    check_artifact, format_table, now, plot_path, ram_bytes, resolve
 from edgepkd.measure.devices import MIB, DeviceProfile
 from edgepkd.rundir import RunDir, atomic_write_json, read_json
 
@@ -454,10 +454,8 @@ def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
 
 
 def _manifest_entries(folder: Path) -> list[dict]:
-    path = folder / "manifest.json"
-    if not path.is_file():
-        return []
-    return read_json(path, {"artifacts": list}, "a manifest", "export again")["artifacts"]
+    """bench's manifest reading, or [] for a folder without a manifest."""
+    return _manifest(folder) if (folder / "manifest.json").is_file() else []
 
 
 def weigh_early_exit(sel: Selection) -> None:
