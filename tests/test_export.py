@@ -342,3 +342,39 @@ def test_weights_method_refuses_exclude_modules(tmp_path, capsys):
     assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "quantization.exclude_modules: method weights stores every float constant" in err and err.count("\n") == 1
+
+
+def test_float_weights_int8_only_with_pt2e_tflite(tmp_path, capsys):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("name: mine\nformat: onnx\nprecision: int8\n"
+                                      "quantization: {method: ort_static, float_weights: int8}\n")
+    assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "quantization.float_weights: int8 storage of the float constants left applies to method pt2e" in err
+    assert err.count("\n") == 1
+
+
+def test_pt2e_float_weights_int8_stores_what_stays_float_as_int8(run_copy, loose_targets):
+    """tflite-int8-static with float_weights int8 (its default) against the same target with fp32 storage: no float
+    constant of >= 64 finite values is left, the file is smaller, and both pass the same verification."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    data = yaml.safe_load((loose_targets / "loose-tflite-int8-static.yaml").read_text())
+    assert data["quantization"]["float_weights"] == "int8"
+    data["name"], data["quantization"]["float_weights"] = "fp32-stored", "fp32"
+    (loose_targets / "fp32-stored.yaml").write_text(yaml.safe_dump(data))
+    sizes, left = {}, {}
+    for name in ("loose-tflite-int8-static", "fp32-stored"):
+        assert main(["export", str(run_copy), "--target", name, "--model", "chain/s1",
+                     "--targets-dir", str(loose_targets)]) == 0
+        path = run_copy / "export" / name / "chain-s1.tflite"
+        sizes[name] = path.stat().st_size
+        model = flatbuffer_utils.read_model(str(path))
+        (sub,) = model.subgraphs
+        left[name] = [t.shape for t in sub.tensors if t.type == schema.TensorType.FLOAT32
+                      and model.buffers[t.buffer].data is not None and np.prod(t.shape) >= 64
+                      and np.isfinite(np.frombuffer(model.buffers[t.buffer].data.tobytes(), np.float32)).all()]
+    assert left["fp32-stored"] and not left["loose-tflite-int8-static"]  # x_proj stays float in both graphs
+    assert sizes["loose-tflite-int8-static"] < sizes["fp32-stored"]

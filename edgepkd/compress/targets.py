@@ -36,7 +36,11 @@ class QuantConfig:
                                                           # int8 weights with activations quantized at run time
     config: Literal["int8_dynamic_activation_int8_weight", "int8_weight_only"] = \
         "int8_dynamic_activation_int8_weight"            # torchao
-    min_elements: int = 64                               # weights: constants with fewer values stay float
+    min_elements: int = 64                               # weights, float_weights: constants with fewer values
+                                                         # stay float
+    float_weights: Literal["fp32", "int8"] = "fp32"      # pt2e (tflite): the float constants int8 compute leaves
+                                                         # (excluded modules, the scan's) stored as int8 behind a
+                                                         # DEQUANTIZE run once at load, as method weights does
 
     def __post_init__(self):
         check(self.calibration_images >= 1, "calibration_images", "must be at least 1")
@@ -91,6 +95,9 @@ class ExportTarget:
         check(not (method == "weights" and self.quantization.exclude_modules), "quantization.exclude_modules",
               "method weights stores every float constant of >= min_elements values as int8; raise min_elements "
               "to keep small ones float")
+        check(self.quantization.float_weights == "fp32" or (method == "pt2e" and self.format == "tflite"),
+              "quantization.float_weights", "int8 storage of the float constants left applies to method pt2e "
+              "in format tflite only; remove the key or set it to fp32")
         if self.precision == "fp32" and self.verify.max_abs_diff is None:
             self.verify.max_abs_diff = 1e-4
         if self.precision == "int8" and self.verify.max_accuracy_drop is None:

@@ -68,8 +68,9 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: Ex
     with quiet_native():
         _export(model, example, path, target, calibration)
     flat = flatbuffer_utils.read_model(str(path))
-    if target.quantization.method == "weights":
-        _int8_weights(flat, target.quantization.min_elements, target.quantization.per_channel)
+    q = target.quantization
+    if q.method == "weights" or (q.method == "pt2e" and q.float_weights == "int8"):
+        _int8_weights(flat, q.min_elements, q.per_channel)   # pt2e: only the float constants are left to store
     _slim_tensors(flat)
     _set_metadata(flat, metadata)
     flatbuffer_utils.write_model(flat, str(path))
@@ -130,7 +131,7 @@ def _int8_weights(model, min_elements: int, per_channel: bool) -> None:
             if tensor.type != schema.TensorType.FLOAT32 or data is None or index not in used:
                 continue
             a = np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=np.float32).reshape(tensor.shape)
-            if a.size < min_elements:
+            if a.size < min_elements or not np.isfinite(a).all():   # a mask of -inf has no int8 form
                 continue
             key = (tensor.buffer, tuple(tensor.shape))
             if key not in stored_as:
