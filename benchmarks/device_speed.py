@@ -219,7 +219,11 @@ def bench_run(run: Path, args) -> dict:
         entries += export_before(run, args.before_rev, args.before_scan or "unrolled")
     time_interleaved(entries, args.rounds, args.min_seconds)
     teacher = {(e["base_target"], e["scan"]): e for e in entries if e["model"] == "teacher"}
+    fp32_file = {(e["model"], e["format"]): e for e in entries if e["precision"] == "fp32" and e["scan"] == "auto"}
     for e in entries:
+        e["bytes"] = Path(e["path"]).stat().st_size
+        ref = fp32_file.get((e["model"], e["format"]))
+        e["bytes_vs_fp32"] = e["bytes"] / Path(ref["path"]).stat().st_size if ref else None
         e["mflops"] = (rows[e["model"]]["flops"] if e["model"] in rows else e["flops"]) / 1e6
         e["gflops_per_s"] = e["mflops"] / e["p50_ms"]
         t = teacher.get((e["base_target"], e["scan"])) or next(v for (b, _), v in teacher.items()
@@ -247,7 +251,8 @@ def render(result: dict, env: dict, command: str, args) -> str:
              f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}. 1 thread, batch 1; {args.rounds} "
              f"interleaved rounds of >= {args.min_seconds} s per artifact. p50: median of the per-round p50s; "
              "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
-             "'eff.': GFLOP/s over the teacher's in the same target. Scan 'auto' is the targets' export form "
+             "'eff.': GFLOP/s over the teacher's in the same target; file / fp32: the artifact's bytes over the same "
+             "model's fp32 file in its format. Scan 'auto' is the targets' export form "
              "('ssd' for headed students, else 'unrolled'; in ONNX 'ssd_matmul' and the conv as a (1, K) Conv2d, "
              f"edgepkd.models.mamba.EXPORT_FORMS), '{args.before_scan}' the form compared with it (before"
              + ("; 'default-form': ONNX without EXPORT_FORMS, i.e. 'ssd' and a Conv1d" if args.before_scan ==
@@ -257,12 +262,13 @@ def render(result: dict, env: dict, command: str, args) -> str:
         if not sel:
             continue
         lines += [f"## {target}", "", "| model | scan | MFLOPs | p50 ms | p90 ms | repeat | GFLOP/s | p50 / teacher "
-                  "| eff. / teacher | acc (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| eff. / teacher | acc (%) | file (B) | file / fp32 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(sel, key=lambda r: (r["model"].startswith("before/"), r["scan"] == args.before_scan,
                                             r["model"] != "teacher", r["model"])):
             lines.append(f"| {r['model']} | {r['scan']} | {r['mflops']:.3f} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | "
                          f"{r['repeat']:.2f} | {r['gflops_per_s']:.1f} | {r['vs_teacher']:.2f} | "
-                         f"{r['eff_vs_teacher']:.2f} | {'-' if r['acc'] is None else format(r['acc'], '.2f')} |")
+                         f"{r['eff_vs_teacher']:.2f} | {'-' if r['acc'] is None else format(r['acc'], '.2f')} | "
+                         f"{r['bytes']:,} | {'-' if r['bytes_vs_fp32'] is None else format(r['bytes_vs_fp32'], '.2f')} |")
         lines.append("")
     lines += ["## Where the time goes: onnxruntime kernel time per op type (µs per inference, share)", "",
               "| model | scan | nodes | top op types |", "|---|---|---:|---|"]
