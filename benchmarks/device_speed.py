@@ -219,11 +219,13 @@ def bench_run(run: Path, args) -> dict:
         entries += export_before(run, args.before_rev, args.before_scan or "unrolled")
     time_interleaved(entries, args.rounds, args.min_seconds)
     teacher = {(e["base_target"], e["scan"]): e for e in entries if e["model"] == "teacher"}
-    fp32_file = {(e["model"], e["format"]): e for e in entries if e["precision"] == "fp32" and e["scan"] == "auto"}
     for e in entries:
         e["bytes"] = Path(e["path"]).stat().st_size
-        ref = fp32_file.get((e["model"], e["format"]))
-        e["bytes_vs_fp32"] = e["bytes"] / Path(ref["path"]).stat().st_size if ref else None
+    fp32_bytes = {(e["model"], e["format"]): e["bytes"] for e in entries
+                  if e["precision"] == "fp32" and e["scan"] == "auto"}
+    for e in entries:
+        ref = fp32_bytes.get((e["model"], e["format"]))
+        e["bytes_vs_fp32"] = e["bytes"] / ref if ref else None
         e["mflops"] = (rows[e["model"]]["flops"] if e["model"] in rows else e["flops"]) / 1e6
         e["gflops_per_s"] = e["mflops"] / e["p50_ms"]
         t = teacher.get((e["base_target"], e["scan"])) or next(v for (b, _), v in teacher.items()

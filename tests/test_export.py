@@ -326,30 +326,30 @@ def test_missing_extra_gives_the_pip_line(run_copy, monkeypatch, capsys):
     assert "needs litert_torch: pip install -e '.[export]'" in err
 
 
-def test_malformed_target_file(tmp_path, capsys):
+def _list_targets_with(tmp_path, target_yaml: str) -> int:
+    """``export --list-targets`` with one user target file holding ``target_yaml``; its exit code."""
     folder = tmp_path / "t"
     folder.mkdir()
-    (folder / "mine.yaml").write_text("name: mine\nformat: onnx\nprecision: fp32\nquantization: {method: pt2e}\n")
-    assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
+    (folder / "mine.yaml").write_text(target_yaml)
+    return main(["export", "--list-targets", "--targets-dir", str(folder)])
+
+
+def test_malformed_target_file(tmp_path, capsys):
+    assert _list_targets_with(tmp_path, "name: mine\nformat: onnx\nprecision: fp32\n"
+                              "quantization: {method: pt2e}\n") == 2
     assert "quantization.method: 'pt2e' does not apply to format onnx" in capsys.readouterr().err
 
 
 def test_weights_method_refuses_exclude_modules(tmp_path, capsys):
-    folder = tmp_path / "t"
-    folder.mkdir()
-    (folder / "mine.yaml").write_text("name: mine\nformat: tflite\nprecision: int8\n"
-                                      "quantization: {method: weights, exclude_modules: ['*.x_proj']}\n")
-    assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
+    assert _list_targets_with(tmp_path, "name: mine\nformat: tflite\nprecision: int8\n"
+                              "quantization: {method: weights, exclude_modules: ['*.x_proj']}\n") == 2
     err = capsys.readouterr().err
     assert "quantization.exclude_modules: method weights stores every float constant" in err and err.count("\n") == 1
 
 
 def test_float_weights_int8_only_with_pt2e_tflite(tmp_path, capsys):
-    folder = tmp_path / "t"
-    folder.mkdir()
-    (folder / "mine.yaml").write_text("name: mine\nformat: onnx\nprecision: int8\n"
-                                      "quantization: {method: ort_static, float_weights: int8}\n")
-    assert main(["export", "--list-targets", "--targets-dir", str(folder)]) == 2
+    assert _list_targets_with(tmp_path, "name: mine\nformat: onnx\nprecision: int8\n"
+                              "quantization: {method: ort_static, float_weights: int8}\n") == 2
     err = capsys.readouterr().err
     assert "quantization.float_weights: int8 storage of the float constants left applies to method pt2e" in err
     assert err.count("\n") == 1
