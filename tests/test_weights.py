@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgepkd.compress.weights import best_axis, dequantize, quantize
+from edgepkd.compress.weights import best_axis, dequantize, quantize, quantize_best
 
 
 @pytest.mark.parametrize("axis", [None, 0, 1, -1])
@@ -32,4 +32,13 @@ def test_best_axis_follows_the_rows_of_a_scan_matrix():
     assert best_axis(a) == 0
     assert best_axis(a.T.copy()) == 1
     assert best_axis(np.ones(7, np.float32)) is None
-    assert best_axis(np.ones((1, 9, 1), np.float32)) == 1
+    assert best_axis(np.exp(np.arange(9, dtype=np.float32)).reshape(1, 9, 1)) == 1
+
+
+def test_one_scale_when_it_is_as_exact_as_per_channel():
+    """A 0/1 matrix (the SSD scan's segment sums) is exact with one scale: ties go to fewer scales."""
+    segments = (np.random.default_rng(0).uniform(size=(16, 256)) < 0.3).astype(np.float32)   # (L, L·L)
+    q, scale, axis = quantize_best(segments)
+    assert axis is None and scale.size == 1
+    assert np.array_equal(dequantize(q, scale, axis), segments)
+    assert best_axis(np.ones((1, 9, 1), np.float32)) is None
