@@ -4,7 +4,8 @@
         # writes benchmarks/results/device-speed-<run>.md / .json
 
 For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/) to
-TFLite (fp32, int8-static) and ONNX (fp32, int8); the fp32 targets also with the previous export form of the scan
+TFLite (fp32, int8-static) and ONNX (fp32, int8), by default (``--targets``: any registered targets, ExecuTorch's
+included, timed in executorch.runtime with XNNPACK); the fp32 targets also with the previous export form of the scan
 (``--before-scan``, default 'torch': the reference's own layout; 'default-form': ONNX also without its entry in
 ``edgepkd.models.mamba.EXPORT_FORMS``, i.e. as TFLite exports it) so that before and after are measured in the
 same run; ``--before-rev REV`` adds the students of the run's recipe at that git revision (random weights, fp32,
@@ -43,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgepkd.compress.export import export_targets  # noqa: E402
 from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
-from edgepkd.compress.runtimes import OnnxModel, TFLiteModel  # noqa: E402
+from edgepkd.compress.runtimes import ExecuTorchModel, OnnxModel, TFLiteModel  # noqa: E402
 from edgepkd.report import load_metrics  # noqa: E402
 
 TARGETS = ["tflite-fp32", "tflite-int8-static", "onnx-fp32", "onnx-int8"]
 DEFAULT_FORM = "default-form"  # --before-scan value: the format's export form without its EXPORT_FORMS entry
-MODELS = {"tflite": TFLiteModel, "onnx": OnnxModel}
+MODELS = {"tflite": TFLiteModel, "onnx": OnnxModel, "executorch": ExecuTorchModel}
 
 
 def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: str | None,
@@ -246,11 +247,32 @@ def _ops(d: dict, n: int = 5) -> str:
     return ", ".join(f"{k} {v}" for k, v in list(d.items())[:n]) or "none"
 
 
+def int8_table(rows: list[dict]) -> list[str]:
+    """Each int8 artifact against the same model's fp32 one in the same runtime and run (scan 'auto'): fp32 p50 /
+    int8 p50 (above 1: int8 is faster) and the file ratio."""
+    fp32 = {(r["model"], r["format"]): r for r in rows if r["precision"] == "fp32" and r["scan"] == "auto"}
+    pairs = [(r, fp32[(r["model"], r["format"])]) for r in rows
+             if r["precision"] != "fp32" and r["scan"] == "auto" and (r["model"], r["format"]) in fp32]
+    if not pairs:
+        return []
+    lines = ["## int8 against fp32, same runtime, same rounds", "",
+             "fp32 p50 / int8 p50 (above 1: the int8 artifact is faster; the rows' repeat is the noise) and int8 "
+             "file bytes / fp32 file bytes.", "",
+             "| model | int8 target | fp32 target | fp32 p50 ms | int8 p50 ms | speed-up | repeat (worst) | file / fp32 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r, f in sorted(pairs, key=lambda p: (p[0]["base_target"], p[0]["model"] != "teacher", p[0]["model"])):
+        lines.append(f"| {r['model']} | {r['base_target']} | {f['base_target']} | {f['p50_ms']:.4f} | "
+                     f"{r['p50_ms']:.4f} | {f['p50_ms'] / r['p50_ms']:.2f} | {max(r['repeat'], f['repeat']):.2f} | "
+                     f"{r['bytes'] / f['bytes']:.2f} |")
+    return lines + [""]
+
+
 def render(result: dict, env: dict, command: str, args) -> str:
     rows = result["rows"]
     lines = [f"# Device speed: {result['run']}", "",
              f"`{command}` on {env['machine']} ({env['cpu']}), {env['cpus']} CPUs; onnxruntime "
-             f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}. 1 thread, batch 1; {args.rounds} "
+             f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}"
+             + (f", executorch {env['executorch']}" if env.get("executorch") else "") + ". 1 thread, batch 1; {args.rounds} "
              f"interleaved rounds of >= {args.min_seconds} s per artifact. p50: median of the per-round p50s; "
              "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
              "'eff.': GFLOP/s over the teacher's in the same target; file / fp32: the artifact's bytes over the same "
@@ -259,7 +281,7 @@ def render(result: dict, env: dict, command: str, args) -> str:
              f"edgepkd.models.mamba.EXPORT_FORMS), '{args.before_scan}' the form compared with it (before"
              + ("; 'default-form': ONNX without EXPORT_FORMS, i.e. 'ssd' and a Conv1d" if args.before_scan ==
                 DEFAULT_FORM else "") + ").", ""]
-    for target in TARGETS:
+    for target in args.targets.split(","):
         sel = [r for r in rows if r["base_target"] == target]
         if not sel:
             continue
@@ -272,6 +294,7 @@ def render(result: dict, env: dict, command: str, args) -> str:
                          f"{r['eff_vs_teacher']:.2f} | {'-' if r['acc'] is None else format(r['acc'], '.2f')} | "
                          f"{r['bytes']:,} | {'-' if r['bytes_vs_fp32'] is None else format(r['bytes_vs_fp32'], '.2f')} |")
         lines.append("")
+    lines += int8_table(rows)
     lines += ["## Where the time goes: onnxruntime kernel time per op type (µs per inference, share)", "",
               "| model | scan | nodes | top op types |", "|---|---|---:|---|"]
     for r in rows:
@@ -312,6 +335,10 @@ def main() -> int:
     env = {"machine": f"{platform.system()} {platform.machine()}", "cpu": cpu, "cpus": os.cpu_count(),
            "onnxruntime": onnxruntime.__version__, "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),
            "load_average": os.getloadavg()}
+    if any(load_targets().get(t).format == "executorch" for t in args.targets.split(",")):
+        import importlib.metadata
+
+        env["executorch"] = importlib.metadata.version("executorch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for run in map(Path, args.runs):
