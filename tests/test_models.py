@@ -6,7 +6,7 @@ from conftest import registered_student
 
 from edgepkd.errors import ConfigError
 from edgepkd.models import STUDENTS, TEACHERS, MambaStudent, build_teacher, export_mode, set_scan_backend
-from edgepkd.models.mamba import EXPORTABLE_SCANS, SSMBranch
+from edgepkd.models.mamba import EXPORT_FORMS, EXPORTABLE_SCANS, SSMBranch
 
 SHAPES = [(1, 8), (3, 32)]  # (channels, image size): digits-like and CIFAR-like
 
@@ -209,6 +209,52 @@ def test_onnx_export_form_uses_a_2d_conv_and_a_matmul_for_c_b_and_restores_the_t
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", STUDENTS.names())
+@pytest.mark.parametrize("image_size,patch", [(14, 2), (9, 3)])  # L = 49, 9
+def test_every_format_form_matches_the_reference_for_every_registered_student(name, image_size, patch):
+    """EXPORT_FORMS' other forms (ONNX's conv, ExecuTorch's slices and 4-D means) with each format's scan."""
+    torch.manual_seed(0)
+    model = registered_student(name, 10, 1, image_size, patch_size=patch).eval()
+    x = torch.randn(3, 1, image_size, image_size)
+    with torch.no_grad(), export_mode(model, scan="torch"):
+        ref = model(x)
+    for fmt in EXPORT_FORMS:
+        with torch.no_grad(), export_mode(model, fmt=fmt):
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5, msg=fmt)
+    assert all(m.form == {} for m in model.modules() if isinstance(getattr(m, "form", None), dict))  # restored
+
+
+def test_executorch_export_form_is_one_xnnpack_partition_and_restores_the_training_form():
+    """MNIST's largest student shape (two headed blocks, conv stem, 16 tokens): the default form lowers to many
+    XNNPACK partitions with ops between them (expand_copy, split_with_sizes_copy, unsqueeze_copy, layer_norm, a
+    3-D mean), ExecuTorch's form to one partition and nothing else."""
+    pytest.importorskip("executorch")
+    import warnings
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    torch.manual_seed(0)
+    model = MambaStudent(10, 1, 28, d_model=16, depth=2, d_state=8, patch_size=7, stem="conv", heads=4).eval()
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+
+    def lowered(fmt):
+        with export_mode(model, fmt=fmt), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+            edge = to_edge_transform_and_lower(torch.export.export(model, (x,)), partitioner=[XnnpackPartitioner()])
+        return [str(n.target) for n in edge.exported_program().graph.nodes
+                if n.op == "call_function" and "getitem" not in str(n.target)]
+
+    default, et = lowered("tflite"), lowered("executorch")
+    assert default.count("executorch_call_delegate") > 1 and len(default) > default.count("executorch_call_delegate")
+    assert et == ["executorch_call_delegate"], et
+    branch = model.blocks[0].mixer.fwd
+    assert (branch.scan_backend, branch.form, model.form) == ("auto", {}, {})  # training form restored
 
 
 def test_headed_tflite_export_is_right_with_the_builtin_kernels_too(tmp_path):

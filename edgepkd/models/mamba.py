@@ -51,6 +51,7 @@ class SSMBranch(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))
         self.scan_backend = "auto"
         self.conv_form = "conv1d"  # export_mode may set 'conv2d' (the same weights, see ``EXPORT_FORMS``)
+        self.form: dict = {}       # export_mode sets its format's EXPORT_FORMS entry ('split', 'norm')
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # x, z: (B, d_inner, L)
         x = F.pad(x, (self.conv1d.kernel_size[0] - 1, 0))                   # (B, d_inner, L + d_conv - 1)
@@ -60,8 +61,8 @@ class SSMBranch(nn.Module):
         else:
             x = self.conv1d(x)                                              # (B, d_inner, L)
         x = F.silu(x)                                                       # (B, d_inner, L) causal
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (B, L, R), (B, L, N), (B, L, N)
+        dt, B, C = _split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state],
+                          self.form)                                        # (B, L, R), (B, L, N), (B, L, N)
         dt = self.dt_proj(dt).transpose(1, 2)                               # (B, H, L); H = d_inner or heads
         A = -torch.exp(self.A_log.float())                                  # (d_inner, N) or (heads, 1)
         scan = get_scan(resolve_backend(self.scan_backend, x.device))
@@ -91,9 +92,15 @@ class MambaMixer(nn.Module):
         self.fwd = SSMBranch(d_inner, d_state, d_conv, dt_rank, heads=heads)
         self.bwd = SSMBranch(d_inner, d_state, d_conv, dt_rank, heads=heads) if bidirectional else None
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.d_inner = d_inner
+        self.form: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                     # x: (B, L, d_model)
-        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)              # (B, d_inner, L) each
+        xz = self.in_proj(x).transpose(1, 2)                                # (B, 2 d_inner, L)
+        if self.form.get("split") == "slice":
+            x, z = _split(xz, [self.d_inner] * 2, self.form, dim=1)         # (B, d_inner, L) each
+        else:
+            x, z = xz.chunk(2, dim=1)                                       # (B, d_inner, L) each
         y = self.fwd(x, z)                                                  # (B, d_inner, L)
         if self.bwd is not None:
             y = y + self.bwd(x.flip(-1), z.flip(-1)).flip(-1)
@@ -105,9 +112,34 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.mixer = MambaMixer(d_model, **mixer)
+        self.form: dict = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                     # x: (B, L, d_model)
+        return x + self.mixer(_layer_norm(self.norm, x, self.form))
+
+
+def _split(x: torch.Tensor, sizes: list[int], form: dict, dim: int = -1) -> list[torch.Tensor]:
+    """``x.split(sizes, dim)``, or with ``form['split'] == 'slice'`` one slice per piece (ExecuTorch's XNNPACK
+    partitioner takes slice_copy but not split_with_sizes_copy)."""
+    if form.get("split") != "slice":
+        return list(x.split(sizes, dim=dim))
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    return [x.narrow(dim, a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor, form: dict) -> torch.Tensor:  # x: (B, L, D)
+    """``ln(x)``, or with ``form['norm'] == 'mean4d'`` the same normalisation from means over the last two
+    dimensions of a (B, L, D, 1) view, the mean XNNPACK lowers (a global average pool) in ExecuTorch, where
+    layer_norm and a mean over one dimension of a 3-D tensor stay outside the delegate."""
+    if form.get("norm") != "mean4d":
+        return ln(x)
+    b, length, d = x.shape
+    x4 = x.reshape(b, length, d, 1)                                          # (B, L, D, 1)
+    c = x4 - x4.mean((2, 3), keepdim=True)                                  # (B, L, D, 1)
+    y = c * torch.rsqrt((c * c).mean((2, 3), keepdim=True) + ln.eps)        # (B, L, D, 1)
+    return y.reshape(b, length, d) * ln.weight + ln.bias                    # (B, L, D)
 
 
 STEMS = ("patch", "conv")
@@ -146,15 +178,20 @@ class MambaStudent(nn.Module):
                        bidirectional=bidirectional, heads=heads) for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
+        self.form: dict = {}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:           # x: (B, C, H, W)
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, d_model)
         for block in self.blocks:
             x = block(x)                                                    # (B, L, d_model)
-        return self.norm(x)
+        return _layer_norm(self.norm, x, self.form)                         # (B, L, d_model)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)                                                   # (B, d_model)
+        if self.form.get("norm") == "mean4d":                               # the token mean as a 4-D one
+            b, length, d = x.shape
+            x = x.transpose(1, 2).reshape(b, d, length, 1).mean((2, 3), keepdim=True).reshape(b, d)  # (B, d_model)
+        else:
+            x = x.mean(dim=1)                                               # (B, d_model)
         return x if pre_logits else self.head(x)                            # (B, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,14 +206,17 @@ def set_scan_backend(model: nn.Module, name: str) -> None:
             m.scan_backend = name
 
 
-EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "torch", "closed")
+EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "ssd_bmm", "torch", "closed")
 
 # What an export format runs differently from the default form (measured in its runtime, issue #13; the same
 # math, the same weights). onnxruntime: the depthwise causal conv as a (1, K) Conv2d (its 1-D depthwise Conv took
 # 7.6 us for 96 channels x 16 positions, the 2-D one 3.9 us) and the headed scan's C^T B as one MatMul
 # ('ssd_matmul'). TFLite keeps the defaults: there a matmul of two activations leaves XNNPACK, and the conv is the
-# same DEPTHWISE_CONV_2D either way.
-EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_matmul"}}
+# same DEPTHWISE_CONV_2D either way. ExecuTorch (XNNPACK partitioner): the headed scan as 3-D bmm ('ssd_bmm'), the
+# splits as slices, LayerNorm and the token mean from 4-D means, so that the whole student is one XNNPACK
+# partition (the MNIST recipe's largest: 14 partitions and 27 ops outside them before).
+EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_matmul"},
+                                 "executorch": {"headed_scan": "ssd_bmm", "split": "slice", "norm": "mean4d"}}
 
 
 def export_scan(branch: SSMBranch, scan: str = "auto", fmt: str | None = None) -> str:
@@ -193,17 +233,24 @@ def export_scan(branch: SSMBranch, scan: str = "auto", fmt: str | None = None) -
 @contextlib.contextmanager
 def export_mode(model: nn.Module, scan: str = "auto", fmt: str | None = None):
     """Use an exportable pure-PyTorch scan in every branch ('auto': each branch's device form for export format
-    ``fmt``, see ``export_scan`` and ``EXPORT_FORMS``; or 'unrolled', 'ssd', 'ssd_matmul', the reference 'torch',
-    'closed'), restoring each branch's backend and conv form afterwards."""
+    ``fmt``, see ``export_scan`` and ``EXPORT_FORMS``; or 'unrolled', 'ssd', 'ssd_matmul', 'ssd_bmm', the
+    reference 'torch', 'closed') and ``fmt``'s other forms (conv, split, norm), restoring the training forms
+    afterwards."""
     if scan not in EXPORTABLE_SCANS:
         raise ValueError(f"scan '{scan}' is not exportable (exportable: {', '.join(EXPORTABLE_SCANS)})")
     branches = [m for m in model.modules() if isinstance(m, SSMBranch)]
+    formed = [m for m in model.modules() if isinstance(m, (SSMBranch, MambaMixer, MambaBlock, MambaStudent))]
     saved = [(m.scan_backend, m.conv_form) for m in branches]
+    saved_forms = [m.form for m in formed]
     for m in branches:
         m.scan_backend = export_scan(m, scan, fmt)
         m.conv_form = EXPORT_FORMS.get(fmt, {}).get("conv", "conv1d")
+    for m in formed:
+        m.form = EXPORT_FORMS.get(fmt, {})
     try:
         yield model
     finally:
         for m, (name, conv) in zip(branches, saved):
             m.scan_backend, m.conv_form = name, conv
+        for m, form in zip(formed, saved_forms):
+            m.form = form

@@ -43,6 +43,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -257,6 +258,44 @@ def selective_scan_ssd_matmul(u, delta, A, B, C, D=None, z=None, delta_bias=None
     onnxruntime runs it as one MatMul (with the transpose fused) where the broadcast form is four nodes and an
     (L, L, N) product; measured 13 us (9 %) less per MNIST student of two blocks (issue #13)."""
     return _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, _gram_matmul)
+
+
+_ONE = np.ones(1, dtype=np.float32)  # softplus's 1 as a (1,) constant, see selective_scan_ssd_bmm
+
+
+def _softplus_one_as_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``softplus_exportable`` with its 1 as a (1,) constant: ExecuTorch lifts a Python 1 to a 0-d tensor, whose
+    dim-order copy XNNPACK's partitioner refuses ('invalid dtype') and which then runs outside the delegate."""
+    return torch.relu(x) + torch.log(torch.exp(-x.abs()) + torch.tensor(_ONE, device=x.device))
+
+
+@SCAN_BACKENDS.register("ssd_bmm")
+def selective_scan_ssd_bmm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False):
+    """'ssd' for ExecuTorch's XNNPACK partitioner (1.5), the ExecuTorch export form of headed branches: every
+    product a 3-D ``bmm`` (a 4-D matmul lowers to ``expand_copy`` + bmm, and XNNPACK takes no expand_copy),
+    reshapes instead of ``unsqueeze`` (its unsqueeze_copy only appends a trailing dimension), the segment sums as a
+    bmm with the (1, L, L·L) constant (an ``mm`` wants a static weight, which a constant made in forward is not)
+    and softplus's 1 as a (1,) tensor. With ``EXPORT_FORMS['executorch']`` the MNIST recipe's largest student
+    lowers to one XNNPACK partition with no op outside it, instead of 14 partitions and 27 ops outside (issue #13).
+    Same math as 'ssd'; the last state comes from it."""
+    if A.shape[1] != 1 or return_last_state:
+        return _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, _gram_matmul)
+    bsz, dim, length = u.shape
+    heads = delta.shape[1]
+    if dim % heads:
+        raise ValueError(f"delta has {heads} heads, which do not divide the {dim} channels of u")
+    p = dim // heads
+    dt = _step_size(delta, delta_bias, delta_softplus, _softplus_one_as_tensor)  # (B, H, L)
+    segments, mask = (torch.tensor(c, device=u.device) for c in _causal_arrays(length))
+    dta = (dt * A.float().reshape(1, heads, 1)).reshape(1, bsz * heads, length)  # (1, B·H, L)
+    seg = torch.bmm(dta, segments.reshape(1, length, length * length))          # (1, B·H, L_t·L_s)
+    M = torch.exp(seg.reshape(bsz, heads, length, length) + mask)               # (B, H, L_t, L_s)
+    G = torch.bmm(C.float().transpose(1, 2), B.float())                         # (B, L_t, L_s): C_t . B_s
+    MG = (M * G.reshape(bsz, 1, length, length)).reshape(bsz * heads, length, length)  # (B·H, L_t, L_s)
+    v = u.float().reshape(bsz * heads, p, length).transpose(1, 2) * dt.reshape(bsz * heads, length, 1)  # (B·H, L_s, P)
+    y = torch.bmm(MG, v).transpose(1, 2).reshape(bsz, dim, length)             # (B, D, L)
+    return _skip_and_gate(y, u, D, z, u.dtype)                                  # (B, D, L)
 
 
 class _LinearRecurrence(torch.autograd.Function):
