@@ -211,6 +211,25 @@ def tflite_partitions(path: str) -> dict:
             "outside_delegate": dict(collections.Counter(o["op_name"] for o in outside.values()).most_common())}
 
 
+def executorch_partitions(path: str) -> dict:
+    """A .pte's forward by instruction: XNNPACK delegate calls and the kernels that run outside them, by op."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(Path(path).read_bytes())
+    program = getattr(program, "program", program)                     # 1.5: a PTEFile holding the Program
+    plan = next(p for p in program.execution_plan if p.name == "forward")
+    outside: collections.Counter = collections.Counter()
+    delegates = 0
+    for instruction in plan.chains[0].instructions:
+        args = instruction.instr_args
+        if type(args).__name__ == "DelegateCall":
+            delegates += 1
+        elif type(args).__name__ == "KernelCall":
+            op = plan.operators[args.op_index]
+            outside[op.name.split("::")[-1] + (f".{op.overload}" if op.overload else "")] += 1
+    return {"partitions": delegates, "outside_delegate": dict(outside.most_common())}
+
+
 def bench_run(run: Path, args) -> dict:
     metrics = load_metrics(run)
     rows = {r["name"]: r for r in metrics["models"]}
@@ -238,6 +257,8 @@ def bench_run(run: Path, args) -> dict:
             e["profile"] = onnx_profile(e["path"], args.profile_runs)
         if e["format"] == "tflite":
             e["partitions"] = tflite_partitions(e["path"])
+        if e["format"] == "executorch":
+            e["partitions"] = executorch_partitions(e["path"])
     return {"run": run.name, "teacher_arch": metrics.get("teacher", {}).get("arch") if isinstance(
         metrics.get("teacher"), dict) else None, "rows": [{k: v for k, v in e.items() if k not in (
             "preprocessing", "classes", "provenance", "input", "output", "verification")} for e in entries]}
@@ -306,10 +327,16 @@ def render(result: dict, env: dict, command: str, args) -> str:
     lines += ["", "## TFLite: ops, XNNPACK partitions, ops outside the delegate", "",
               "| model | target | scan | ops | partitions | outside XNNPACK | op types |", "|---|---|---|---:|---:|---|---|"]
     for r in rows:
-        if "partitions" in r:
+        if "partitions" in r and r["format"] == "tflite":
             p = r["partitions"]
             lines.append(f"| {r['model']} | {r['base_target']} | {r['scan']} | {p['ops']} | {p['partitions']} | "
                          f"{_ops(p['outside_delegate'])} | {_ops(p['by_type'], 6)} |")
+    et = [r for r in rows if "partitions" in r and r["format"] == "executorch"]
+    if et:
+        lines += ["", "## ExecuTorch: XNNPACK delegate calls and the kernels outside them (the .pte's forward)", "",
+                  "| model | target | scan | delegate calls | kernels outside XNNPACK |", "|---|---|---|---:|---|"]
+        lines += [f"| {r['model']} | {r['base_target']} | {r['scan']} | {r['partitions']['partitions']} | "
+                  f"{_ops(r['partitions']['outside_delegate'], 8)} |" for r in et]
     return "\n".join(lines) + "\n"
 
 
