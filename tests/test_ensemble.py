@@ -217,6 +217,31 @@ def test_choose_theta_meets_the_mean_budget_or_the_accuracy():
     assert choose(rows)["theta"] == 1.0
 
 
+def test_cascade_runs_the_reference_only_on_images_no_early_prefix_is_sure_of():
+    import numpy as np
+
+    from edgepkd.measure import early_exit as ee
+
+    # 3 images, 3 members (1 ms each), a reference of 5 ms; labels 0, 1, 2
+    tr = ee.Trace(step_s=np.full((3, 3), 1e-3), pred=np.array([[0, 0, 0], [2, 1, 1], [0, 0, 0]]),
+                  conf=np.array([[0.99, 0.99, 0.99], [0.5, 0.95, 0.99], [0.6, 0.7, 0.8]]),
+                  ref_s=np.full(3, 5e-3), ref_pred=np.array([0, 1, 2]))
+    labels = np.array([0, 1, 2])
+    rows = {(r["after"], r["theta"]): r for r in ee.cascade_sweep(tr, labels, thetas=(0.9, 1.0))}
+    assert set(rows) == {(1, 0.9), (1, 1.0), (2, 0.9), (2, 1.0)}          # K < M: the last stage is the reference
+    # K = 2, θ = 0.9: image 0 exits after member 1 (1 ms), image 1 after member 2 (2 ms), image 2 runs the
+    # reference after both (7 ms) and takes its answer
+    r = rows[2, 0.9]
+    assert r["accuracy"] == pytest.approx(100.0) and r["mean_ms"] == pytest.approx(10 / 3)
+    assert r["max_ms"] == pytest.approx(7.0) and r["reference_share"] == pytest.approx(1 / 3)
+    # K = 1: image 1 is not sure after member 1 and goes to the reference too
+    assert rows[1, 0.9]["mean_ms"] == pytest.approx((1 + 6 + 6) / 3) and rows[1, 0.9]["accuracy"] == 100.0
+    # θ = 1: the reference's answer on every image, K members late
+    assert rows[1, 1.0]["mean_ms"] == pytest.approx(6.0) and rows[1, 1.0]["reference_share"] == 1.0
+    best = ee.choose(list(rows.values()), min_accuracy=100.0)
+    assert (best["after"], best["theta"]) == (2, 0.9)
+
+
 def test_early_exit_members_share_one_prepared_input_only_when_their_inputs_agree():
     import numpy as np
 

@@ -127,6 +127,31 @@ def sweep(tr: Trace, labels, thetas=DEFAULT_THETAS) -> list[dict]:
     return rows
 
 
+def cascade_sweep(tr: Trace, labels, thetas=DEFAULT_THETAS) -> list[dict]:
+    """Early exit with the reference as the last stage: members 1..K run as in ``sweep``; an image on which no
+    prefix k <= K reaches θ then runs the reference and takes its answer (a device runs the small members first
+    and the single student only on the images they are unsure of). One row per (K, θ), K < M, from the same
+    trace: the reference's time on an image is the one measured beside the members. θ = 1 runs the reference on
+    every image after K members: its accuracy, K members slower."""
+    import numpy as np
+
+    cum = np.cumsum(tr.step_s, axis=1)                                             # (N, M)
+    n, m = tr.conf.shape
+    idx = np.arange(n)
+    rows = []
+    for after in range(1, m):
+        for theta in thetas:
+            hit = tr.conf[:, :after] >= theta if theta < 1.0 else np.zeros((n, after), dtype=bool)  # (N, K)
+            exited, k = hit.any(1), hit.argmax(1)                                  # (N,), (N,)
+            lat = np.where(exited, cum[idx, k], cum[:, after - 1] + tr.ref_s) * 1e3  # (N,) ms
+            pred = np.where(exited, tr.pred[idx, k], tr.ref_pred)                  # (N,)
+            rows.append({"after": after, "theta": float(theta),
+                         "accuracy": 100.0 * float((pred == labels).mean()), "mean_ms": float(lat.mean()),
+                         "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+                         "max_ms": float(lat.max()), "reference_share": float(1.0 - exited.mean())})
+    return rows
+
+
 def choose(rows: list[dict], mean_ms: float | None = None, min_accuracy: float | None = None) -> dict | None:
     """The most accurate θ whose mean latency fits ``mean_ms`` (ties: the faster); with ``min_accuracy``
     instead, the fastest θ that reaches it. None when nothing fits."""
@@ -267,6 +292,10 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
         best = choose(rows, min_accuracy=out["reference"]["accuracy"])
         out["at_reference_accuracy"] = None if best is None else {
             **best, "mean_ratio": best["mean_ms"] / out["reference"]["mean_ms"]}
+        out["cascade"] = cascade_sweep(tr, labels, thetas)
+        best = choose(out["cascade"], min_accuracy=out["reference"]["accuracy"])
+        out["cascade_at_reference_accuracy"] = None if best is None else {
+            **best, "mean_ratio": best["mean_ms"] / out["reference"]["mean_ms"]}
     atomic_write_json(result_path(run, target), out)
     return out
 
@@ -322,6 +351,14 @@ def render_early_exit(res: dict, picked: dict | None = None) -> str:
         lines.append("at the reference's accuracy: " + ("no θ reaches it" if at is None else
                      f"θ = {at['theta']:g}, acc {at['accuracy']:.2f} %, mean {at['mean_ms']:.4f} ms = "
                      f"{at['mean_ratio']:.2f}x the reference's"))
+        at = res.get("cascade_at_reference_accuracy")
+        if "cascade" in res:
+            lines.append(f"with {ref['model']} as the last stage (members 1..K, then {ref['model']} on the images "
+                         "none of them is sure of), at its accuracy: " + (
+                             "no K and θ reach it" if at is None else
+                             f"K = {at['after']}, θ = {at['theta']:g}, acc {at['accuracy']:.2f} %, mean "
+                             f"{at['mean_ms']:.4f} ms = {at['mean_ratio']:.2f}x, p90 {at['p90_ms']:.4f} ms, "
+                             f"{100 * at['reference_share']:.1f} % of the images reach {ref['model']}"))
     if picked is not None:
         lines.append(f"picked θ = {picked['theta']:g}: mean {picked['mean_ms']:.4f} ms, acc "
                      f"{picked['accuracy']:.2f} %; worst case, all {len(res['members'])} members: p90 "
