@@ -13,7 +13,8 @@ device would quantize the image once; its cost is in the first member's step. An
 sum of its steps up to its exit member; a member after the exit would not have run. So one pass over the test
 split gives the whole θ sweep. A reference model (by default the most accurate single student in the same
 export folder) runs on the same image, just before the members or just after them, alternating per image, so
-the two are compared side by side under the same machine load.
+the two are compared side by side under the same machine load. The same trace gives the cascade whose last stage
+is the reference (``cascade_sweep``): members 1..K, then the reference on the images none of them is sure of.
 
 Everything here needs only numpy and the runtime (compress/runtimes.py's adapters), as on the device.
 """
