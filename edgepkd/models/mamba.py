@@ -92,13 +92,12 @@ class MambaMixer(nn.Module):
         self.fwd = SSMBranch(d_inner, d_state, d_conv, dt_rank, heads=heads)
         self.bwd = SSMBranch(d_inner, d_state, d_conv, dt_rank, heads=heads) if bidirectional else None
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-        self.d_inner = d_inner
         self.form: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                     # x: (B, L, d_model)
         xz = self.in_proj(x).transpose(1, 2)                                # (B, 2 d_inner, L)
         if self.form.get("split") == "slice":
-            x, z = _split(xz, [self.d_inner] * 2, self.form, dim=1)         # (B, d_inner, L) each
+            x, z = _split(xz, [self.fwd.d_inner] * 2, self.form, dim=1)     # (B, d_inner, L) each
         else:
             x, z = xz.chunk(2, dim=1)                                       # (B, d_inner, L) each
         y = self.fwd(x, z)                                                  # (B, d_inner, L)

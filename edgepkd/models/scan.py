@@ -197,15 +197,20 @@ def _causal_arrays(length: int):
     return segments, mask
 
 
-def _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, gram):
-    """The SSD quadratic form shared by 'ssd' and 'ssd_matmul'; ``gram(B, C)`` gives G = C^T B: (B, L_t, L_s)."""
-    if A.shape[1] != 1:
-        return selective_scan_closed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+def _heads(u, delta) -> tuple[int, int, int, int, int]:
+    """(B, D, L, H, P) of a headed scan's u (B, D, L) and delta (B, H, L): P = D / H channels per head."""
     bsz, dim, length = u.shape
     heads = delta.shape[1]
     if dim % heads:
         raise ValueError(f"delta has {heads} heads, which do not divide the {dim} channels of u")
-    p = dim // heads
+    return bsz, dim, length, heads, dim // heads
+
+
+def _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, gram):
+    """The SSD quadratic form shared by 'ssd' and 'ssd_matmul'; ``gram(B, C)`` gives G = C^T B: (B, L_t, L_s)."""
+    if A.shape[1] != 1:
+        return selective_scan_closed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    bsz, dim, length, heads, p = _heads(u, delta)
     dt = _step_size(delta, delta_bias, delta_softplus, softplus_exportable)  # (B, H, L)
     segments, mask = (torch.tensor(c, device=u.device) for c in _causal_arrays(length))
     seg = ((dt * A.float()) @ segments).unflatten(-1, (length, length))  # (B, H, L_t, L_s): S_t - S_s for s < t
@@ -281,11 +286,7 @@ def selective_scan_ssd_bmm(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Same math as 'ssd'; the last state comes from it."""
     if A.shape[1] != 1 or return_last_state:
         return _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, _gram_matmul)
-    bsz, dim, length = u.shape
-    heads = delta.shape[1]
-    if dim % heads:
-        raise ValueError(f"delta has {heads} heads, which do not divide the {dim} channels of u")
-    p = dim // heads
+    bsz, dim, length, heads, p = _heads(u, delta)
     dt = _step_size(delta, delta_bias, delta_softplus, _softplus_one_as_tensor)  # (B, H, L)
     segments, mask = (torch.tensor(c, device=u.device) for c in _causal_arrays(length))
     dta = (dt * A.float().reshape(1, heads, 1)).reshape(1, bsz * heads, length)  # (1, B·H, L)
