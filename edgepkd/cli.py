@@ -458,7 +458,8 @@ def bench(artifacts, device, list_devices, devices_dir, as_json, **options):
 @click.option("--min-accuracy", type=float, metavar="Y", help="lowest acceptable verified accuracy (%)")
 @click.option("--no-bench", is_flag=True, help="do not run bench for candidates without results; fail")
 @click.option("--early-exit/--no-early-exit", default=True, show_default=True,
-              help="let the run's edgepkd early-exit results for this device compete (judged by mean latency)")
+              help="let the run's edgepkd early-exit results (the ensemble and its cascades) for this device "
+                   "compete (judged by mean latency)")
 @devices_dir_option
 @bench_options
 @json_option("the selection")
@@ -476,8 +477,10 @@ def pick(run, device, latency_ms, min_accuracy, no_bench, early_exit, devices_di
 
     Early exit: when edgepkd early-exit measured the run's ensemble for this device's format
     (RUN/bench/early-exit-TARGET.json), it competes at the most accurate θ whose MEAN latency meets the latency
-    budget; its p90 and worst case (all members) are shown beside it. It is chosen only when strictly more
-    accurate than the best single artifact within the budgets.
+    budget, and so do its cascades (members 1..K, or one or two cheaper chain students, then the most accurate
+    student on the images none is sure of) at the most accurate stage set and θ whose mean meets it and whose
+    files and RAM fit; the p90 and worst case (every member or stage) are shown beside them. Either is chosen
+    only when strictly more accurate than the best single artifact within the budgets.
     """
     from pathlib import Path
 
@@ -526,11 +529,14 @@ def _thetas(text: str | None) -> list[float] | None:
               help="passes over the images; each step's time is its median over them")
 @click.option("--reference", metavar="MODEL", help="the single model timed beside the members (default: the most "
               "accurate chain student; exported when missing)")
+@click.option("--chain-cascade/--no-chain-cascade", "chain", default=True, show_default=True,
+              help="also time the other chain students beside the reference (exported when missing), for the "
+                   "cascade of one or two cheaper students, then the reference on the images they are unsure of")
 @targets_dir_option
 @devices_dir_option
 @data_dir_option(of_run=True)
 @json_option("the result (as written to RUN/bench/early-exit-TARGET.json)")
-def early_exit(run, target, device, thetas, limit, repeats, reference, targets_dir, devices_dir, data_dir,
+def early_exit(run, target, device, thetas, limit, repeats, reference, chain, targets_dir, devices_dir, data_dir,
                as_json):
     """Run an ensemble member by member, exiting when confident: the θ sweep.
 
@@ -538,8 +544,11 @@ def early_exit(run, target, device, thetas, limit, repeats, reference, targets_d
     machine, on the test images; an image stops at the first prefix whose maximum softmax probability reaches θ
     (θ = 1: all members, the full prefix's answer). One pass gives every θ: accuracy, mean / p50 / p90 / max
     latency, members run, and the worst case (all members), beside the reference timed on the same images.
-    Exports the members (--model ensemble-members) and the reference first when they are missing, verified as
-    any export. Writes RUN/bench/early-exit-TARGET.json, which edgepkd pick reads to choose θ for a device.
+    The same rule as a cascade: members 1..K, then the reference on the images none of them is sure of; and
+    the chain cascade: one or two cheaper chain students, each on its own, then the reference. Exports the
+    members (--model ensemble-members), the reference and (with --chain-cascade) the other chain students first
+    when they are missing, verified as any export. Writes RUN/bench/early-exit-TARGET.json, which edgepkd pick
+    reads to choose θ (and a cascade) for a device.
     """
     from edgepkd import workflow
     from edgepkd.measure.early_exit import render_early_exit, result_path
@@ -547,7 +556,7 @@ def early_exit(run, target, device, thetas, limit, repeats, reference, targets_d
     log = _stderr if as_json else print
     res = workflow.early_exit(run, target, device=device, devices_dir=devices_dir, targets_dir=targets_dir,
                               reference=reference, thetas=_thetas(thetas), limit=limit, repeats=repeats,
-                              data_dir=data_dir, log=log)
+                              data_dir=data_dir, chain=chain, log=log)
     if as_json:
         print(json.dumps(res, indent=2))
     else:

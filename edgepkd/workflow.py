@@ -181,13 +181,14 @@ def deploy(run_path: str | Path, device, *, data_dir: str | None = None, devices
 
 def early_exit(run_path: str | Path, target: str, *, device: str | None = None, devices_dir: Sequence[str] = (),
                targets_dir: Sequence[str] = (), reference: str | None = None, thetas: Sequence[float] | None = None,
-               limit: int | None = None, repeats: int = 3, data_dir: str | None = None,
+               limit: int | None = None, repeats: int = 3, data_dir: str | None = None, chain: bool = True,
                log: Callable = print) -> dict:
     """``edgepkd early-exit``: the anytime ensemble run member by member on this machine, θ swept.
 
     Exports what is missing first, verified as any export: the largest prefix's members (``--model
     ensemble-members``; a member failing verification stops it) and the reference, ``reference`` or else the
-    most accurate chain student of metrics.json (one failing verification is left out, and said so). Then
+    most accurate chain student of metrics.json (one failing verification is left out, and said so); with
+    ``chain``, the other chain students too, for the chain cascade (those failing verification are left out). Then
     ``measure.early_exit.measure``, at the threads of ``device`` (a local profile of the target's format; default
     1 thread), which writes RUN/bench/early-exit-TARGET.json. Returns that result."""
     from edgepkd.compress.export import export_run, file_stem
@@ -234,6 +235,16 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
             log(f"early exit: {reference} failed verification for {tgt.name}: measured beside the most accurate "
                 "chain student exported there, if any")
             reference = None
+    if chain and reference is not None:
+        missing = [r["name"] for r in metrics["models"] if r.get("role") == "chain" and r["name"] != reference
+                   and file_stem(r["name"]) not in {file_stem(m) for m in have}]
+        if missing:
+            log(f"early exit: exporting {', '.join(missing)} to {tgt.name} for the chain cascade")
+            refused = []
+            export_run(str(run), tgt, models=missing, data_dir=data_dir, log=log, refused=refused)
+            if refused:
+                log(f"early exit: {', '.join(refused)} failed verification for {tgt.name}: left out of the chain "
+                    "cascade")
     kwargs = {} if thetas is None else {"thetas": tuple(thetas)}
     return ee.measure(str(run), tgt.name, reference=reference, threads=threads, limit=limit, repeats=repeats,
-                      data_dir=data_dir, device=device, log=log, **kwargs)
+                      data_dir=data_dir, device=device, chain=chain, log=log, **kwargs)

@@ -502,12 +502,59 @@ def test_pick_chooses_early_exit_theta_by_mean_latency_and_shows_its_worst_case(
     assert "kind" not in sel["choice"] and "stale: ensemble-e1.tflite exported again" in out
 
 
+def test_pick_weighs_the_cascades_each_by_its_own_stages(run_copy, tmp_path, capsys):
+    result = fake_early_exit(run_copy)
+    res = json.loads(result.read_text())
+    entries = {e["model"]: e for e in json.loads((run_copy / "export" / "tflite-fp32" / "manifest.json").read_text())
+               ["artifacts"]}
+    worst = {"mean": 900.0, "p90": 950.0, "max": 990.0}
+    res["sweep"] = [{**r, "mean_ms": 5000.0} for r in res["sweep"]]       # the ensemble alone is too slow
+    res["reference"] = {"model": "chain/s1", "accuracy": 100.0, "mean_ms": 800.0, "p50_ms": 800.0, "p90_ms": 800.0}
+    res["stage_files"] = {m: {k: entries[m][k] for k in ("file", "bytes", "sha256")} for m in ("chain/s1", "chain/s2")}
+    row = {"p50_ms": 1.0, "p90_ms": 700.0, "max_ms": 990.0, "reference_share": 0.1, "worst": worst}
+    res["cascade"] = [{**row, "after": 1, "theta": 0.9, "accuracy": 99.0, "mean_ms": 400.0,
+                       "stages": ["ensemble/e1", "chain/s1"], "ram_bytes": 2 << 20}]
+    res["chain_cascade"] = [{**row, "theta": 0.9, "accuracy": 100.0, "mean_ms": 500.0,
+                             "stages": ["chain/s2", "chain/s1"], "ram_bytes": 1 << 30}]   # 1 GiB
+    result.write_text(json.dumps(res))
+    local = {"runtime": "tflite", "threads": 1, "precisions": ["fp32"],
+             "budget": {"latency_ms": 1000, "ram_mib": 2048, "storage_mib": 16}}
+    folder = devices_dir(tmp_path, local1=local)
+    # every budget roomy: the chain cascade (100 %, mean 500 ms) beats the singles (<= 90 %) and the ensemble
+    assert main(["pick", str(run_copy), "--device", "local1", "--devices-dir", str(folder), *FAST]) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    assert sel["choice"]["kind"] == "cascade" and sel["choice"]["members"] == ["chain/s2", "chain/s1"]
+    assert sel["choice"]["files"] == [f"export/tflite-fp32/{entries[m]['file']}" for m in ("chain/s2", "chain/s1")]
+    assert sel["choice"]["ram_bytes"] == 1 << 30 and sel["choice"]["worst_case_ms"] == worst
+    assert "picked cascade chain/s2 -> chain/s1 θ=0.9" in out and "worst case, every stage (2)" in out
+    ensemble = next(e for e in sel["early_exit"] if e["kind"] == "early-exit")
+    assert ensemble["verdict"].startswith("too slow")
+    # 4 GiB: the chain cascade no longer fits the 2 GiB budget; the members' one (99 %) does
+    res["chain_cascade"][0]["ram_bytes"] = 4 << 30
+    result.write_text(json.dumps(res))
+    assert main(["pick", str(run_copy), "--device", "local1", "--devices-dir", str(folder), "--no-bench"]) == 0
+    capsys.readouterr()
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    assert sel["choice"]["kind"] == "cascade" and sel["choice"]["members"] == ["ensemble/e1", "chain/s1"]
+    # a stage exported again since: the cascades are stale, the ensemble result as such is not
+    res["stage_files"]["chain/s2"]["sha256"] = "0" * 64
+    result.write_text(json.dumps(res))
+    assert main(["pick", str(run_copy), "--device", "local1", "--devices-dir", str(folder), "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    assert sel["choice"].get("kind") != "cascade" and f"stale: {entries['chain/s2']['file']} exported again" in out
+
+
 @pytest.mark.parametrize("content", ["{", json.dumps({"target": "tflite-fp32"}),
-                                     json.dumps({"sweep": [{"theta": 0.5}]})])
+                                     json.dumps({"sweep": [{"theta": 0.5}]}),
+                                     json.dumps({"chain_cascade": [{"theta": 0.5, "accuracy": 99.0, "mean_ms": 1.0,
+                                                                    "p90_ms": 1.0, "max_ms": 1.0,
+                                                                    "stages": ["chain/s9"]}]})])
 def test_a_malformed_early_exit_result_is_one_line(run_copy, tmp_path, capsys, content):
     result = fake_early_exit(run_copy)
-    if content.startswith('{"sweep"'):
-        content = json.dumps({**json.loads(result.read_text()), "sweep": [{"theta": 0.5}]})
+    if content.startswith(('{"sweep"', '{"chain_cascade"')):   # one bad part in an otherwise good result
+        content = json.dumps({**json.loads(result.read_text()), **json.loads(content)})
     result.write_text(content)
     selection = (run_copy / "selection.json").read_bytes() if (run_copy / "selection.json").exists() else None
     folder = devices_dir(tmp_path, roomy=estimated(latency_ms=1e3, ram_mib=1e3, storage_mib=1e3))

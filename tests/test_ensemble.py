@@ -201,6 +201,21 @@ def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switche
                 ["artifacts"]}
     assert [f["sha256"] for f in res["files"]] == [manifest[f["file"]]["sha256"] for f in res["files"]]
     assert res["ram_bytes"] is None or res["ram_bytes"] > 0
+    # the chain cascade: the other chain student exported too and timed beside the reference, each row naming
+    # the models it loads, cheapest first and the reference last
+    assert "exporting chain/s2 to tflite-fp32 for the chain cascade" in out
+    if "left out of the chain cascade" not in out:
+        assert {tuple(r["stages"]) for r in res["chain_cascade"]} == {("chain/s2", "chain/s1")}
+        assert {r["theta"] for r in res["chain_cascade"]} == {0, 0.9, 1}
+        by = {r["theta"]: r for r in res["chain_cascade"]}
+        assert by[1]["reference_share"] == 1.0 and by[1]["accuracy"] == pytest.approx(res["reference"]["accuracy"])
+        assert by[0]["reference_share"] == 0.0 and by[0]["accuracy"] == pytest.approx(
+            res["stage_accuracy"]["chain/s2"])
+        assert "chain cascade at the reference's accuracy" in out
+        assert all(r["ram_bytes"] is None or r["ram_bytes"] > 0 for r in res["chain_cascade"])
+    assert all(res["stage_files"][m]["sha256"] == manifest[res["stage_files"][m]["file"]]["sha256"]
+               for m in res["stage_files"])
+    assert all(r["stages"][-1] == "chain/s1" for r in res["cascade"])
     from edgepkd.measure.early_exit import load_result
 
     assert load_result(run / "bench" / "early-exit-tflite-fp32.json")["members"] == res["members"]
@@ -240,6 +255,48 @@ def test_cascade_runs_the_reference_only_on_images_no_early_prefix_is_sure_of():
     assert rows[1, 1.0]["mean_ms"] == pytest.approx(6.0) and rows[1, 1.0]["reference_share"] == 1.0
     best = ee.choose(list(rows.values()), min_accuracy=100.0)
     assert (best["after"], best["theta"]) == (2, 0.9)
+
+
+@pytest.mark.parametrize("k", [1, 10, 64, 65, 1000])
+def test_confidence_is_the_maximum_softmax_probability_on_both_paths(k):
+    from edgepkd.measure.early_exit import confidence
+
+    z = torch.randn(k, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * 8
+    want = float(torch.softmax(z, 0).max())
+    assert confidence(z.float().numpy()) == pytest.approx(float(torch.softmax(z.float().double(), 0).max()), rel=1e-12)
+    assert confidence(z.numpy()) == pytest.approx(want, rel=1e-12)
+    assert confidence(list(z.tolist())) == pytest.approx(want, rel=1e-12)
+
+
+def test_chain_cascade_runs_the_cheapest_stage_first_and_the_reference_only_when_none_is_sure():
+    import numpy as np
+
+    from edgepkd.measure import early_exit as ee
+
+    # 3 images; stages "a" (2 ms) and "b" (1 ms, so it runs first); the reference 5 ms; labels 0, 1, 2
+    tr = ee.Trace(step_s=np.full((3, 1), 1e-3), pred=np.zeros((3, 1), dtype=int), conf=np.ones((3, 1)),
+                  ref_s=np.full(3, 5e-3), ref_pred=np.array([0, 1, 2]),
+                  stage_s=np.array([[2e-3, 1e-3]] * 3), stage_pred=np.array([[0, 9], [1, 1], [9, 9]]),
+                  stage_conf=np.array([[0.99, 0.5], [0.5, 0.95], [0.6, 0.7]]))
+    labels = np.array([0, 1, 2])
+    rows = {(tuple(r["stages"]), r["theta"]): r
+            for r in ee.chain_cascade_sweep(tr, labels, ["a", "b"], "ref", thetas=(0.9, 1.0))}
+    assert set(rows) == {(s, t) for s in [("a", "ref"), ("b", "ref"), ("b", "a", "ref")] for t in (0.9, 1.0)}
+    # b then a: image 0 is unsure after b (1 ms) and exits at a (3 ms), image 1 exits at b (1 ms), image 2 runs
+    # both and the reference (8 ms) and takes the reference's answer
+    r = rows[("b", "a", "ref"), 0.9]
+    assert r["accuracy"] == pytest.approx(100.0) and r["mean_ms"] == pytest.approx(12 / 3)
+    assert r["reference_share"] == pytest.approx(1 / 3) and r["worst"]["max"] == pytest.approx(8.0)
+    # b alone: image 0 goes on to the reference (6 ms) and is right there; b's wrong answer on image 2 never counts
+    r = rows[("b", "ref"), 0.9]
+    assert r["accuracy"] == 100.0 and r["mean_ms"] == pytest.approx((6 + 1 + 6) / 3)
+    # a alone: image 1 is unsure (0.5) and reaches the reference
+    assert rows[("a", "ref"), 0.9]["mean_ms"] == pytest.approx((2 + 7 + 7) / 3)
+    # θ = 1: every image reaches the reference, after every stage
+    assert rows[("b", "a", "ref"), 1.0]["reference_share"] == 1.0
+    assert rows[("b", "a", "ref"), 1.0]["mean_ms"] == pytest.approx(8.0)
+    best = ee.choose(list(rows.values()), min_accuracy=100.0)
+    assert (tuple(best["stages"]), best["theta"]) == (("b", "a", "ref"), 0.9)
 
 
 def test_early_exit_members_share_one_prepared_input_only_when_their_inputs_agree():

@@ -16,12 +16,18 @@ export folder) runs on the same image, just before the members or just after the
 the two are compared side by side under the same machine load. The same trace gives the cascade whose last stage
 is the reference (``cascade_sweep``): members 1..K, then the reference on the images none of them is sure of.
 
+Chain cascade (``chain_cascade_sweep``): the run's other single students ("stages", cheaper than the reference),
+timed beside the reference on the same images, each on its own logits; an image runs one or two of them, cheapest
+first, and the reference only when none is sure (confidence >= θ). It is not the ensemble: it is the same exit
+rule over the chain the run also trains, the classic cascade of one cheap and one accurate model.
+
 Everything here needs only numpy and the runtime (compress/runtimes.py's adapters), as on the device.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +36,20 @@ DEFAULT_THETAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
 def confidence(logits) -> float:
-    """Maximum softmax probability of one logit vector (K,), in float64."""
+    """Maximum softmax probability of one logit vector (K,), in float64: 1 / sum(exp(z - max z)).
+
+    It runs once per member and image inside the timed step, where a device computes it in a few instructions;
+    numpy's per-call overhead on a 10-vector (about 5 to 10 µs here, as much as a small member's invoke) would be
+    the host's cost, not the device's. So small vectors go through Python floats (about 1 µs), large ones
+    through numpy; both are float64."""
+    z = logits.tolist() if hasattr(logits, "tolist") else list(logits)
+    if len(z) <= 64:
+        top = max(z)
+        return 1.0 / math.fsum(math.exp(v - top) for v in z)
     import numpy as np
 
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max())
-    return float(1.0 / e.sum())
+    a = np.asarray(z, dtype=np.float64)
+    return float(1.0 / np.exp(a - a.max()).sum())
 
 
 @dataclass
@@ -47,30 +61,37 @@ class Trace:
     conf: "object"          # (N, M) float64
     ref_s: "object"         # (N,) float64, or None without a reference
     ref_pred: "object"      # (N,) int, or None
+    stage_s: "object" = None     # (N, S) float64: each chain stage's own step (prepare, invoke, logits, confidence)
+    stage_pred: "object" = None  # (N, S) int: each stage's own prediction
+    stage_conf: "object" = None  # (N, S) float64: each stage's own confidence
 
 
-def trace(members: list, x, shrinkage: float, reference=None, repeats: int = 3) -> Trace:
+def trace(members: list, x, shrinkage: float, reference=None, repeats: int = 3, stages: list = ()) -> Trace:
     """Run ``members`` (runtime adapters: prepare/run/logits) in order on every image of ``x`` (N, C, H, W)
-    float32, and ``reference`` (one adapter) beside them, ``repeats`` passes; each step's time is its median over the
-    passes (one pass alone catches page faults and scheduler hiccups in single images)."""
+    float32, and ``reference`` and the chain ``stages`` (adapters, each on its own) beside them, ``repeats``
+    passes; each step's time is its median over the passes (one pass alone catches page faults and scheduler
+    hiccups in single images)."""
     import numpy as np
 
-    passes = [_trace_once(members, x, shrinkage, reference) for _ in range(max(1, repeats))]
+    passes = [_trace_once(members, x, shrinkage, reference, stages) for _ in range(max(1, repeats))]
     first = passes[0]
     return Trace(np.median([p.step_s for p in passes], axis=0), first.pred, first.conf,
-                 None if reference is None else np.median([p.ref_s for p in passes], axis=0), first.ref_pred)
+                 None if reference is None else np.median([p.ref_s for p in passes], axis=0), first.ref_pred,
+                 np.median([p.stage_s for p in passes], axis=0) if stages else None, first.stage_pred,
+                 first.stage_conf)
 
 
-def _trace_once(members: list, x, shrinkage: float, reference=None) -> Trace:
+def _trace_once(members: list, x, shrinkage: float, reference=None, stages: list = ()) -> Trace:
     import numpy as np
 
     from edgepkd.models.ensemble import combine
 
-    n, m = len(x), len(members)
+    n, m, s = len(x), len(members), len(stages)
     step_s, pred = np.zeros((n, m)), np.zeros((n, m), dtype=np.int64)
     conf = np.zeros((n, m))
     ref_s = np.zeros(n) if reference is not None else None
     ref_pred = np.zeros(n, dtype=np.int64) if reference is not None else None
+    stage_s, stage_pred, stage_conf = np.zeros((n, s)), np.zeros((n, s), dtype=np.int64), np.zeros((n, s))
     clock = time.perf_counter
     shared = all(mdl.io()["input"] == members[0].io()["input"] for mdl in members)
 
@@ -79,6 +100,12 @@ def _trace_once(members: list, x, shrinkage: float, reference=None) -> Trace:
         out = reference.logits(reference.run(reference.prepare(x[i:i + 1])))     # (1, K)
         ref_s[i] = clock() - t0
         ref_pred[i] = int(out[0].argmax())
+        for j, stage in enumerate(stages):   # each on its own: its own input, its own logits
+            t0 = clock()
+            out = stage.logits(stage.run(stage.prepare(x[i:i + 1])))             # (1, K)
+            c = confidence(out[0])
+            stage_s[i, j] = clock() - t0
+            stage_pred[i, j], stage_conf[i, j] = int(out[0].argmax()), c
 
     for i in range(n):
         if reference is not None and i % 2 == 0:
@@ -95,7 +122,7 @@ def _trace_once(members: list, x, shrinkage: float, reference=None) -> Trace:
             conf[i, k], pred[i, k] = c, int(prefix[0].argmax())
         if reference is not None and i % 2 == 1:
             run_reference(i)
-    return Trace(step_s, pred, conf, ref_s, ref_pred)
+    return Trace(step_s, pred, conf, ref_s, ref_pred, stage_s, stage_pred, stage_conf)
 
 
 def exits(tr: Trace, theta: float):
@@ -128,28 +155,65 @@ def sweep(tr: Trace, labels, thetas=DEFAULT_THETAS) -> list[dict]:
     return rows
 
 
-def cascade_sweep(tr: Trace, labels, thetas=DEFAULT_THETAS) -> list[dict]:
+def _staged(step_s, pred, conf, ref_s, ref_pred, labels, theta: float) -> dict:
+    """One cascade at θ: stages (the columns of ``step_s``, ``pred``, ``conf``, (N, K), in the order they run),
+    each image leaving at the first stage whose confidence reaches θ, the reference after the last one otherwise
+    (θ >= 1: always). Accuracy, latency (the steps that ran, ms), the share reaching the reference, and the worst
+    case (every stage and the reference)."""
+    import numpy as np
+
+    n, k = conf.shape
+    idx = np.arange(n)
+    cum = np.cumsum(step_s, axis=1)                                                # (N, K)
+    hit = conf >= theta if theta < 1.0 else np.zeros((n, k), dtype=bool)           # (N, K)
+    exited, at = hit.any(1), hit.argmax(1)                                         # (N,), (N,)
+    lat = np.where(exited, cum[idx, at], cum[:, -1] + ref_s) * 1e3                 # (N,) ms
+    out = np.where(exited, pred[idx, at], ref_pred)                                # (N,)
+    worst = (cum[:, -1] + ref_s) * 1e3                                             # (N,) ms
+    return {"theta": float(theta), "accuracy": 100.0 * float((out == labels).mean()), "mean_ms": float(lat.mean()),
+            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "max_ms": float(lat.max()), "reference_share": float(1.0 - exited.mean()),
+            "worst": {"mean": float(worst.mean()), "p90": float(np.percentile(worst, 90)), "max": float(worst.max())}}
+
+
+def cascade_sweep(tr: Trace, labels, thetas=DEFAULT_THETAS, members: list[str] | None = None,
+                  reference: str | None = None) -> list[dict]:
     """Early exit with the reference as the last stage: members 1..K run as in ``sweep``; an image on which no
     prefix k <= K reaches θ then runs the reference and takes its answer (a device runs the small members first
     and the single student only on the images they are unsure of). One row per (K, θ), K < M, from the same
     trace: the reference's time on an image is the one measured beside the members. θ = 1 runs the reference on
-    every image after K members: its accuracy, K members slower."""
-    import numpy as np
-
-    cum = np.cumsum(tr.step_s, axis=1)                                             # (N, M)
-    n, m = tr.conf.shape
-    idx = np.arange(n)
+    every image after K members: its accuracy, K members slower. With the names of the ``members`` and the
+    ``reference``, each row lists the models it loads (``stages``), as ``pick`` needs."""
+    m = tr.conf.shape[1]
     rows = []
     for after in range(1, m):
         for theta in thetas:
-            hit = tr.conf[:, :after] >= theta if theta < 1.0 else np.zeros((n, after), dtype=bool)  # (N, K)
-            exited, k = hit.any(1), hit.argmax(1)                                  # (N,), (N,)
-            lat = np.where(exited, cum[idx, k], cum[:, after - 1] + tr.ref_s) * 1e3  # (N,) ms
-            pred = np.where(exited, tr.pred[idx, k], tr.ref_pred)                  # (N,)
-            rows.append({"after": after, "theta": float(theta),
-                         "accuracy": 100.0 * float((pred == labels).mean()), "mean_ms": float(lat.mean()),
-                         "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-                         "max_ms": float(lat.max()), "reference_share": float(1.0 - exited.mean())})
+            row = {"after": after, **_staged(tr.step_s[:, :after], tr.pred[:, :after], tr.conf[:, :after],
+                                             tr.ref_s, tr.ref_pred, labels, theta)}
+            if members is not None and reference is not None:
+                row["stages"] = [*members[:after], reference]
+            rows.append(row)
+    return rows
+
+
+def chain_cascade_sweep(tr: Trace, labels, names: list[str], reference: str, thetas=DEFAULT_THETAS,
+                        most: int = 2) -> list[dict]:
+    """The chain cascade: one or two (``most``) of the single students ``names`` (the trace's stages, each on its
+    own logits), cheapest first by their measured mean step, then the reference on the images none of them is
+    sure of. One row per stage set and θ, each with its ``stages`` (the reference last)."""
+    import itertools
+
+    import numpy as np
+
+    order = sorted(range(len(names)), key=lambda j: float(np.mean(tr.stage_s[:, j])))
+    rows = []
+    for size in range(1, min(most, len(names)) + 1):
+        for chosen in itertools.combinations(order, size):   # keeps the cheapest-first order
+            cols = list(chosen)
+            for theta in thetas:
+                rows.append({"stages": [*(names[j] for j in cols), reference],
+                             **_staged(tr.stage_s[:, cols], tr.stage_pred[:, cols], tr.stage_conf[:, cols],
+                                       tr.ref_s, tr.ref_pred, labels, theta)})
     return rows
 
 
@@ -226,15 +290,17 @@ def members_ram_bytes(paths: list[str], threads: int, input_shape: list[int]) ->
 
 def measure(run_path: str, target: str, *, reference: str | None = None, thetas=DEFAULT_THETAS,
             threads: int = 1, limit: int | None = None, repeats: int = 3, data_dir: str | None = None,
-            device: str | None = None, log=print) -> dict:
+            device: str | None = None, chain: bool = True, log=print) -> dict:
     """Trace the run's exported ensemble members (export folder ``target``) on the test split in this machine's
     runtime, sweep θ, and write ``RUN/bench/early-exit-<target>.json``. ``reference``: the single model timed
     beside them (default: the most accurate chain student exported there). ``device``: the name of the (local)
     device profile whose settings (``threads``) this measures, recorded so that ``pick`` knows what it is for.
+    ``chain``: also time the other chain students exported there (verified ones) beside the reference, for
+    ``chain_cascade_sweep``.
 
     Every member file is checked against its manifest entry first (size and sha256; the result records them, so
     a member exported again later makes the result stale for ``pick``). RAM: ``members_ram_bytes``, all members
-    loaded at once in a child process."""
+    loaded at once in a child process, and for each cascade row its own stages (``ram_bytes`` in the row)."""
     import numpy as np
 
     from edgepkd.errors import RunError
@@ -255,6 +321,11 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
             raise RunError(f"--reference {reference}: not exported in {folder} (exported: "
                            f"{', '.join(e['model'] for e in others) or 'nothing else'})")
     ref = max(singles, key=lambda e: e.get("verification", {}).get("accuracy") or -1) if singles else None
+    stages = [] if ref is None or not chain else [
+        e for e in others if str(e.get("model", "")).startswith("chain/") and e["model"] != ref["model"]
+        and e.get("verification", {}).get("passed") and (folder / e["file"]).is_file()]
+    for e in stages + ([ref] if ref is not None else []):
+        check_artifact(Artifact(folder / e["file"], e, target, run))
     with np.load(test_images(run, data_dir, log)) as z:
         images, labels = z["images"], z["labels"]
     if limit:
@@ -263,12 +334,14 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
     ram = members_ram_bytes([str(folder / e["file"]) for e in members], threads, list(x[:1].shape))
     models = [open_model(str(folder / e["file"]), threads) for e in members]
     ref_model = open_model(str(folder / ref["file"]), threads) if ref is not None else None
-    for mdl in models + ([ref_model] if ref_model else []):                       # warm up every interpreter
+    stage_models = [open_model(str(folder / e["file"]), threads) for e in stages]
+    for mdl in models + ([ref_model] if ref_model else []) + stage_models:        # warm up every interpreter
         mdl.run(mdl.prepare(x[:1]))
     shrinkage = members[0]["ensemble_member"]["shrinkage"]
     log(f"early exit: {len(members)} members of {target}, {len(x)} test images"
-        + (f", beside {ref['model']}" if ref else ""))
-    tr = trace(models, x, shrinkage, ref_model, repeats)
+        + (f", beside {ref['model']}" if ref else "")
+        + (f" and {', '.join(e['model'] for e in stages)} (chain cascade)" if stages else ""))
+    tr = trace(models, x, shrinkage, ref_model, repeats, stage_models)
     rows = sweep(tr, labels, thetas)
     all_ms = tr.step_s.sum(1) * 1e3                                               # (N,)
     out = {"run": str(run), "target": target, "format": members[0].get("format"),
@@ -290,15 +363,35 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
                             "accuracy": 100.0 * float((tr.ref_pred == labels).mean()),
                             "mean_ms": float(lat.mean()), "p50_ms": float(np.percentile(lat, 50)),
                             "p90_ms": float(np.percentile(lat, 90))}
-        best = choose(rows, min_accuracy=out["reference"]["accuracy"])
-        out["at_reference_accuracy"] = None if best is None else {
-            **best, "mean_ratio": best["mean_ms"] / out["reference"]["mean_ms"]}
-        out["cascade"] = cascade_sweep(tr, labels, thetas)
-        best = choose(out["cascade"], min_accuracy=out["reference"]["accuracy"])
-        out["cascade_at_reference_accuracy"] = None if best is None else {
-            **best, "mean_ratio": best["mean_ms"] / out["reference"]["mean_ms"]}
+        out["at_reference_accuracy"] = _at(rows, out["reference"])
+        single = {e["model"]: e for e in [ref, *stages]}
+        out["stage_files"] = {name: {"file": e["file"], "bytes": e["bytes"], "sha256": e["sha256"]}
+                              for name, e in single.items()}
+        out["cascade"] = cascade_sweep(tr, labels, thetas, [e["model"] for e in members], ref["model"])
+        out["cascade_at_reference_accuracy"] = _at(out["cascade"], out["reference"])
+        if stages:
+            out["stage_step_ms"] = dict(zip((e["model"] for e in stages), (tr.stage_s.mean(0) * 1e3).tolist()))
+            out["stage_accuracy"] = {e["model"]: 100.0 * float((tr.stage_pred[:, j] == labels).mean())
+                                     for j, e in enumerate(stages)}
+            out["chain_cascade"] = chain_cascade_sweep(tr, labels, [e["model"] for e in stages], ref["model"],
+                                                       thetas)
+            out["chain_cascade_at_reference_accuracy"] = _at(out["chain_cascade"], out["reference"])
+        # RAM per cascade: its stages loaded at once (members_ram_bytes), once per distinct stage set
+        path_of = {**{e["model"]: e["file"] for e in members}, **{n: e["file"] for n, e in single.items()}}
+        ram: dict[tuple, int | None] = {}
+        for row in [*out["cascade"], *out.get("chain_cascade", [])]:
+            key = tuple(row["stages"])
+            if key not in ram:
+                ram[key] = members_ram_bytes([str(folder / path_of[n]) for n in key], threads, list(x[:1].shape))
+            row["ram_bytes"] = ram[key]
     atomic_write_json(result_path(run, target), out)
     return out
+
+
+def _at(rows: list[dict], reference: dict) -> dict | None:
+    """The fastest row at the reference's accuracy, with its mean over the reference's."""
+    best = choose(rows, min_accuracy=reference["accuracy"])
+    return None if best is None else {**best, "mean_ratio": best["mean_ms"] / reference["mean_ms"]}
 
 
 def load_result(path: Path) -> dict:
@@ -327,6 +420,26 @@ def load_result(path: Path) -> dict:
             and isinstance(f.get("bytes"), int) for f in res["files"]):
         raise RunError(f"{path}: not an early-exit result edgepkd wrote (files needs file, bytes, sha256 per "
                        f"member); {fix}")
+    known = set(res["members"]) | set(res.get("stage_files") or {})
+    for key in ("cascade", "chain_cascade"):
+        rows = res.get(key, [])
+        ok = isinstance(rows, list) and all(
+            isinstance(r, dict) and all(isinstance(r.get(k), number) for k in ("theta", "accuracy", "mean_ms",
+                                                                               "p90_ms", "max_ms"))
+            and (("stages" not in r and key == "cascade") or (
+                isinstance(r.get("stages"), list) and set(r["stages"]) <= known
+                and isinstance(r.get("worst"), dict) and all(isinstance(r["worst"].get(k), number)
+                                                             for k in ("mean", "p90", "max"))))
+            for r in rows)
+        if not ok:
+            raise RunError(f"{path}: not an early-exit result edgepkd wrote ({key} rows need theta, accuracy, "
+                           f"mean_ms, p90_ms, max_ms, and stages among the members and stage_files, with their "
+                           f"worst case); {fix}")
+    if not all(isinstance(f, dict) and all(isinstance(f.get(k), t) for k, t in (("file", str), ("bytes", int),
+                                                                                  ("sha256", str)))
+               for f in (res.get("stage_files") or {}).values()):
+        raise RunError(f"{path}: not an early-exit result edgepkd wrote (stage_files needs file, bytes, sha256 per "
+                       f"model); {fix}")
     return res
 
 
@@ -360,8 +473,36 @@ def render_early_exit(res: dict, picked: dict | None = None) -> str:
                              f"K = {at['after']}, θ = {at['theta']:g}, acc {at['accuracy']:.2f} %, mean "
                              f"{at['mean_ms']:.4f} ms = {at['mean_ratio']:.2f}x, p90 {at['p90_ms']:.4f} ms, "
                              f"{100 * at['reference_share']:.1f} % of the images reach {ref['model']}"))
+        if res.get("chain_cascade"):
+            lines.extend(_render_chain_cascade(res))
     if picked is not None:
         lines.append(f"picked θ = {picked['theta']:g}: mean {picked['mean_ms']:.4f} ms, acc "
                      f"{picked['accuracy']:.2f} %; worst case, all {len(res['members'])} members: p90 "
                      f"{worst['p90']:.4f} ms, max {worst['max']:.4f} ms")
     return "\n".join(lines)
+
+
+def _render_chain_cascade(res: dict) -> list[str]:
+    """The chain cascade: each stage on its own, then per stage set its fastest θ at the reference's accuracy."""
+    ref = res["reference"]
+    lines = [f"chain cascade (cheaper chain students first, each on its own logits, then {ref['model']} on the images "
+             "none of them is sure of):",
+             "  alone: " + ", ".join(f"{name} {res['stage_accuracy'][name]:.2f} % {ms:.4f} ms"
+                                     for name, ms in res["stage_step_ms"].items())]
+    sets: dict[tuple, list[dict]] = {}
+    for r in res["chain_cascade"]:
+        sets.setdefault(tuple(r["stages"]), []).append(r)
+    best = []
+    for stages, rows in sets.items():
+        at = choose(rows, min_accuracy=ref["accuracy"])
+        best.append((at["mean_ms"] if at else float("inf"), stages, at))
+    for _, stages, at in sorted(best, key=lambda b: b[0])[:8]:
+        lines.append(f"  {' -> '.join(stages)}: " + ("no θ reaches the reference's accuracy" if at is None else
+                     f"θ = {at['theta']:g}, acc {at['accuracy']:.2f} %, mean {at['mean_ms']:.4f} ms = "
+                     f"{at['mean_ms'] / ref['mean_ms']:.2f}x, p90 {at['p90_ms']:.4f} ms, "
+                     f"{100 * at['reference_share']:.1f} % reach {ref['model']}"))
+    at = res.get("chain_cascade_at_reference_accuracy")
+    lines.append("chain cascade at the reference's accuracy: " + (
+        "no stage set and θ reach it" if at is None else
+        f"{' -> '.join(at['stages'])}, θ = {at['theta']:g}, mean {at['mean_ratio']:.2f}x the reference's"))
+    return lines

@@ -13,10 +13,13 @@ sha256) first: a truncated or changed one stops pick with one line (re-export it
 
 Early exit: when ``edgepkd early-exit`` measured the run's ensemble member by member for the device's format
 (RUN/bench/early-exit-TARGET.json), it is one more candidate, at the θ whose MEAN latency meets the latency
-budget with the highest accuracy (``early_exit.choose``). It is judged by its mean, single artifacts by their
-p90: an exit-early model is fast on most images and slow (every member) on a few, so its p90 and its worst case
-are shown beside it, never hidden. It is chosen only when strictly more accurate than the best single artifact
-within the budgets (a tie goes to the single artifact, whose p90 bounds nine images in ten).
+budget with the highest accuracy (``early_exit.choose``); its cascades (members 1..K, or one or two cheaper chain
+students, then the reference on the images none is sure of) are one more, at the most accurate stage set and θ
+whose mean meets the budget and whose own files and RAM (its stages loaded at once) fit. They are judged by their
+mean, single artifacts by their p90: an exit-early model is fast on most images and slow (every member) on a few,
+so its p90 and its worst case are shown beside it, never hidden. Either is chosen only when strictly more
+accurate than the best single artifact within the budgets (a tie goes to the single artifact, whose p90 bounds
+nine images in ten).
 
     runs/<run>/selection.json   {"devices": {NAME: the choice, budgets, and every candidate with its verdict}}
 """
@@ -351,13 +354,16 @@ def render_selection(sel: Selection) -> str:
 @dataclass
 class EarlyExit:
     """The run's ensemble run member by member (``edgepkd early-exit``), as a pick candidate: its θ sweep, and
-    the θ chosen for the latency budget (judged by MEAN latency; see the module docstring)."""
+    the θ chosen for the latency budget (judged by MEAN latency; see the module docstring). ``kind`` "cascade":
+    the same result's cascades instead (members 1..K or one or two cheaper chain students, then the reference on
+    the images none of them is sure of), one candidate whose chosen row names its stages."""
 
     path: Path                          # RUN/bench/early-exit-TARGET.json
     result: dict
+    kind: str = "ensemble"              # "ensemble" (the θ sweep) or "cascade" (a cascade row)
     notes: list[str] = field(default_factory=list)   # how it was measured, where not the device's own settings
     excluded: str | None = None         # why it is not a candidate for this device (stale, other device, subset)
-    row: dict | None = None             # the chosen θ's sweep row
+    row: dict | None = None             # the chosen θ's sweep row (with "stages" for a cascade)
     verdict: str = ""
     fits: bool = False
 
@@ -365,10 +371,25 @@ class EarlyExit:
     def target(self) -> str:
         return self.result["target"]
 
+    def rows(self) -> list[dict]:
+        if self.kind == "ensemble":
+            return self.result["sweep"]
+        return [*self.result.get("cascade", []), *self.result.get("chain_cascade", [])]
+
+    @property
+    def stages(self) -> list[str]:
+        """The models this candidate loads: the members, or the chosen cascade's stages (the reference last)."""
+        if self.kind == "ensemble":
+            return self.result["members"]
+        return [] if self.row is None else self.row["stages"]
+
     @property
     def model(self) -> str:
-        m = self.result["members"]
         theta = "" if self.row is None else f" θ={self.row['theta']:g}"
+        if self.kind == "cascade":
+            ref = (self.result.get("reference") or {}).get("model", "the reference")
+            return f"cascade {' -> '.join(self.stages)}{theta}" if self.row else f"cascade ... -> {ref}"
+        m = self.result["members"]
         return f"early exit {m[0]}..{m[-1].split('/')[-1]}{theta}"
 
     @property
@@ -385,37 +406,65 @@ class EarlyExit:
 
     @property
     def worst(self) -> dict:
-        """Every member run (no image exits): mean, p90, max (ms)."""
+        """Every member (every stage, for a cascade) run, no image exiting: mean, p90, max (ms)."""
+        if self.kind == "cascade":
+            return self.row["worst"] if self.row else {"mean": math.nan, "p90": math.nan, "max": math.nan}
         return self.result["all_members_ms"]
+
+    def files(self, row: dict | None = None) -> list[dict]:
+        """The file records ({file, bytes, sha256}) of every model the candidate (or a cascade ``row``) loads."""
+        if self.kind == "ensemble":
+            return self.result["files"]
+        table = {**dict(zip(self.result["members"], self.result["files"])), **self.result.get("stage_files", {})}
+        if row is None:
+            return list({f["file"]: f for f in table.values()}.values())
+        return [table[name] for name in row["stages"]]
+
+    def ram_of(self, row: dict | None) -> int | None:
+        if self.kind == "ensemble":
+            return self.result.get("ram_bytes")
+        return None if row is None else row.get("ram_bytes")
 
     @property
     def ram(self) -> int | None:
-        return self.result.get("ram_bytes")
+        return self.ram_of(self.row)
+
+    def loaded(self) -> list[dict]:
+        """The file records the candidate loads: every member, or the chosen cascade's stages (none unchosen)."""
+        if self.kind == "ensemble":
+            return self.files()
+        return self.files(self.row) if self.row else []
 
     @property
     def bytes(self) -> int:
-        return sum(f["bytes"] for f in self.result["files"])
+        return sum(f["bytes"] for f in self.loaded())
 
     def worst_case(self) -> str:
         w = self.worst
-        return f"worst case, all {len(self.result['members'])} members: p90 {_ms(w['p90'])} ms, max {_ms(w['max'])} ms"
+        every = (f"all {len(self.result['members'])} members" if self.kind == "ensemble" else
+                 f"every stage ({len(self.stages)})")
+        return f"worst case, {every}: p90 {_ms(w['p90'])} ms, max {_ms(w['max'])} ms"
 
     def as_dict(self) -> dict:
-        return {"kind": "early-exit", "model": self.model, "target": self.target, "members": self.result["members"],
-                "file": str(Path("bench") / self.path.name), "files": [f"export/{self.target}/{f['file']}" for f in
-                                                                     self.result["files"]],
+        return {"kind": "early-exit" if self.kind == "ensemble" else "cascade", "model": self.model,
+                "target": self.target, "members": self.result["members"] if self.kind == "ensemble" else self.stages,
+                "file": str(Path("bench") / self.path.name),
+                "files": [f"export/{self.target}/{f['file']}" for f in self.loaded()],
                 "theta": None if self.row is None else self.row["theta"], "accuracy": self.accuracy,
                 "latency_mean_ms": None if self.row is None else self.mean_ms,
                 "latency_p90_ms": None if self.row is None else self.row["p90_ms"],
-                "worst_case_ms": self.worst, "judged_by": "mean latency", "ram_bytes": self.ram,
+                "worst_case_ms": self.worst if self.row is not None or self.kind == "ensemble" else None,
+                "judged_by": "mean latency",
+                "ram_bytes": self.ram,
                 "bytes": self.bytes, "threads": self.result["threads"], "device": self.result.get("device"),
                 "runtime": self.result.get("runtime"), "images": self.result["images"], "notes": self.notes,
                 "fits": self.fits, "verdict": self.verdict}
 
 
 def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
-    """The run's early-exit results (RUN/bench/early-exit-*.json) in the device's format and precisions. A
-    malformed one stops pick with one line; one measured elsewhere, on part of the test split, or with members
+    """The run's early-exit results (RUN/bench/early-exit-*.json) in the device's format and precisions: each one
+    candidate for its ensemble's θ sweep and, when it recorded cascades with their stages, one for its cascades.
+    A malformed one stops pick with one line; one measured elsewhere, on part of the test split, or with files
     exported again since is shown with the reason and does not compete."""
     from edgepkd.measure.early_exit import load_result
 
@@ -424,32 +473,38 @@ def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
         res = load_result(path)
         if res["format"] != profile.format or res["precision"] not in profile.precisions:
             continue
-        e = EarlyExit(path, res)
-        measured_for = res.get("device")
-        again = f"edgepkd early-exit {run} --target {res['target']} --device {profile.name}"
-        if profile.connect != "local" and measured_for != profile.name:
-            e.excluded = (f"measured on this machine{f' for device {measured_for!r}' if measured_for else ''}, not "
-                          f"on '{profile.name}' ({'estimated' if profile.estimated else profile.connect}): not a "
-                          "candidate")
-        if measured_for not in (None, profile.name):
-            e.notes.append(f"measured for device '{measured_for}'")
-        if res["threads"] != profile.threads:
-            e.notes.append(f"measured with {res['threads']} thread(s); '{profile.name}' uses {profile.threads}")
-        folder = run / "export" / res["target"]
-        entries = {x["file"]: x for x in _manifest_entries(folder)}
-        changed = [f["file"] for f in res["files"] if entries.get(f["file"], {}).get("sha256") != f["sha256"]]
-        if changed and e.excluded is None:
-            e.excluded = (f"stale: {', '.join(changed)} exported again (or removed) since it was measured; "
-                          f"measure again: {again}")
-        split = next((entries[f["file"]].get("verification", {}).get("images") for f in res["files"]
-                      if f["file"] in entries), None)
-        if e.excluded is None and split is not None and res["images"] < split:
-            e.excluded = (f"measured on {res['images']} of the {split} test images (--limit): its accuracy is not "
-                          f"comparable with the verified accuracies; measure again without --limit: {again}")
-        if e.excluded is None:
-            for f in res["files"]:
-                check_artifact(Artifact(folder / f["file"], entries[f["file"]], res["target"], run))
-        out.append(e)
+        kinds = ["ensemble"]
+        cascades = [*res.get("cascade", []), *res.get("chain_cascade", [])]
+        if cascades and all("stages" in r and "worst" in r for r in cascades) and "stage_files" in res:
+            kinds.append("cascade")
+        for kind in kinds:
+            e = EarlyExit(path, res, kind)
+            measured_for = res.get("device")
+            again = f"edgepkd early-exit {run} --target {res['target']} --device {profile.name}"
+            if profile.connect != "local" and measured_for != profile.name:
+                e.excluded = (f"measured on this machine{f' for device {measured_for!r}' if measured_for else ''}, "
+                              f"not on '{profile.name}' ({'estimated' if profile.estimated else profile.connect}): "
+                              "not a candidate")
+            if measured_for not in (None, profile.name):
+                e.notes.append(f"measured for device '{measured_for}'")
+            if res["threads"] != profile.threads:
+                e.notes.append(f"measured with {res['threads']} thread(s); '{profile.name}' uses {profile.threads}")
+            folder = run / "export" / res["target"]
+            entries = {x["file"]: x for x in _manifest_entries(folder)}
+            files = e.files()
+            changed = [f["file"] for f in files if entries.get(f["file"], {}).get("sha256") != f["sha256"]]
+            if changed and e.excluded is None:
+                e.excluded = (f"stale: {', '.join(changed)} exported again (or removed) since it was measured; "
+                              f"measure again: {again}")
+            split = next((entries[f["file"]].get("verification", {}).get("images") for f in files
+                          if f["file"] in entries), None)
+            if e.excluded is None and split is not None and res["images"] < split:
+                e.excluded = (f"measured on {res['images']} of the {split} test images (--limit): its accuracy is "
+                              f"not comparable with the verified accuracies; measure again without --limit: {again}")
+            if e.excluded is None:
+                for f in files:
+                    check_artifact(Artifact(folder / f["file"], entries[f["file"]], res["target"], run))
+            out.append(e)
     return out
 
 
@@ -465,15 +520,25 @@ def weigh_early_exit(sel: Selection) -> None:
     from edgepkd.measure.early_exit import choose as choose_theta
 
     lim = sel.limits
+
+    def small(e: EarlyExit, row: dict) -> bool:   # a cascade row's own files and RAM within the budgets
+        ram = e.ram_of(row)
+        return (ram is None or ram <= lim.ram_mib * MIB) and \
+            sum(f["bytes"] for f in e.files(row)) <= lim.storage_mib * MIB
+
     for e in sel.early_exits:
         if e.excluded:
             e.verdict = e.excluded
             continue
-        e.row = choose_theta(e.result["sweep"], mean_ms=lim.latency_ms)
+        rows = e.rows()
+        if e.kind == "cascade":   # each row loads its own models: the most accurate that fits every budget
+            rows = [r for r in rows if small(e, r)] or rows
+        e.row = choose_theta(rows, mean_ms=lim.latency_ms)
         if e.row is None:
-            fastest = min(e.result["sweep"], key=lambda r: r["mean_ms"])
-            e.verdict = (f"too slow: the fastest θ ({fastest['theta']:g}) has mean {_ms(fastest['mean_ms'])} ms > "
-                         f"{_ms(lim.latency_ms)} ms")
+            fastest = min(rows, key=lambda r: r["mean_ms"])
+            what = (f"θ ({fastest['theta']:g})" if e.kind == "ensemble" else
+                    f"cascade ({' -> '.join(fastest['stages'])}, θ = {fastest['theta']:g})")
+            e.verdict = f"too slow: the fastest {what} has mean {_ms(fastest['mean_ms'])} ms > {_ms(lim.latency_ms)} ms"
             continue
         why = []
         if e.ram is not None and e.ram > lim.ram_mib * MIB:
@@ -500,12 +565,13 @@ def weigh_early_exit(sel: Selection) -> None:
                 if c.fits and not c.verdict.startswith("dominated"):
                     c.verdict = f"fits, less accurate than the choice ({c.accuracy:.2f}% < {e.accuracy:.2f}%)"
             if single is not None:
-                single.verdict = (f"fits, but the early-exit ensemble is more accurate ({e.accuracy:.2f}% at mean "
+                single.verdict = (f"fits, but the {'early-exit ensemble' if e.kind == 'ensemble' else 'cascade'} "
+                                  f"is more accurate ({e.accuracy:.2f}% at mean "
                                   f"{_ms(e.mean_ms)} ms)")
             sel.choice = e
             sel.explanation = (f"{e.label}: {e.accuracy:.2f}% on {e.result['images']} test images in "
                                f"{e.result.get('runtime', 'the runtime')}, {rule}{tail}; "
-                               f"{e.bytes / 1024:.1f} KiB in {len(e.result['files'])} files; {lim.describe()}")
+                               f"{e.bytes / 1024:.1f} KiB in {len(e.loaded())} files; {lim.describe()}")
         elif i == 0:
             e.verdict = (f"fits ({rule}), but not more accurate than {single.label} ({e.accuracy:.2f}% <= "
                          f"{single.accuracy:.2f}%), which meets the budget at p90: a tie goes to the single "
