@@ -128,6 +128,26 @@ def test_runner_flatbuffer_reader_agrees_with_the_tflite_schema(run_dir):
         assert runner_module.tflite_activation_bytes(blob) == expected > 0
 
 
+def test_runner_ram_is_the_model_not_the_test_images(run_dir, tmp_path):
+    """A model's RAM (model_rss_bytes, what pick budgets) is its load and first run: the same with 359 test images
+    as with 100,000 of them, whose float32 copies alone are 25 MB (they were counted as the model's before)."""
+    small = write_images(run_dir, tmp_path / "small.npz")
+    with np.load(small) as z:
+        images, labels = z["images"], z["labels"]
+    reps = -(-100_000 // len(images))
+    big = tmp_path / "big.npz"
+    np.savez(big, images=np.tile(images, (reps, 1, 1, 1))[:100_000], labels=np.tile(labels, reps)[:100_000])
+    path = str(run_dir / "export" / "tflite-fp32" / "chain-s1.tflite")
+    ram = {}
+    for npz in (small, big):
+        code, (out,), _ = run_runner(sys.executable, str(RUNNER), path, "--images", str(npz), "--min-runs", "3",
+                                     "--min-seconds", "0", "--warmup-seconds", "0")
+        assert code == 0, out
+        ram[npz.stem] = out["memory"]["model_rss_bytes"]
+    floats = 100_000 * int(np.prod(images.shape[1:])) * 4
+    assert ram["big"] < ram["small"] + floats / 4, (ram, floats)
+
+
 def test_runner_without_its_runtimes_file_is_one_line(tmp_path):
     """runner.py copied without runtimes.py: exit 3 (this device lacks what the runner needs), one line naming the
     file to copy; beside it, the runner runs (a missing artifact is its usual exit 2)."""

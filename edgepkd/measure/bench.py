@@ -263,8 +263,9 @@ def _settings(profile: DeviceProfile, opts: BenchOptions) -> dict:
     if profile.estimated:
         return {"mode": "estimated", "macs_per_second": profile.calibration.macs_per_second,
                 "per_op": _per_op(profile)}
+    # "ram": how model_rss_bytes is measured; results from before it excluded the test images are not current
     return {"mode": "measured", "connect": profile.connect, "python": device_python(profile, opts),
-            "runtime": profile.runtime, "threads": opts.threads or profile.threads}
+            "runtime": profile.runtime, "threads": opts.threads or profile.threads, "ram": "load and first run"}
 
 
 def _per_op(profile: DeviceProfile) -> dict | None:
