@@ -1,7 +1,7 @@
 """Students against their teacher on the device runtimes, side by side in one run (issue #13).
 
     python benchmarks/device_speed.py runs/digits [runs/mnist ...] [--data-dir ../shared/data]
-        # writes benchmarks/results/device-speed-<run>.md / .json
+        # writes benchmarks/results/device-speed-<run>.md / .json (--suffix S: device-speed-<run>S.*)
 
 For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/) to
 TFLite (fp32, int8-static) and ONNX (fp32, int8), by default (``--targets``: any registered targets, ExecuTorch's
@@ -344,6 +344,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--suffix", default="", help="results go to device-speed-<run><suffix>.md / .json (e.g. "
+                    "-onnx-int8 for a run of other --targets, beside the default one)")
     ap.add_argument("--data-dir", help="where datasets live (default: $EDGEPKD_DATA, else ~/.cache/edgepkd/data)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated (default: %(default)s)")
@@ -375,10 +377,12 @@ def main() -> int:
                    else "") + f" --rounds {args.rounds} --min-seconds {args.min_seconds}" +
                    (f" --before-rev {args.before_rev}" if args.before_rev else "") +
                    (f" --targets {args.targets}" if args.targets != ",".join(TARGETS) else "") +
-                   (f" --before-scan '{args.before_scan}'" if args.before_scan != "torch" else ""))
-        (out / f"device-speed-{run.name}.json").write_text(json.dumps({"environment": env, "command": command,
-                                                                       **result}, indent=2) + "\n")
-        (out / f"device-speed-{run.name}.md").write_text(render(result, env, command, args))
+                   (f" --before-scan '{args.before_scan}'" if args.before_scan != "torch" else "") +
+                   (f" --suffix {args.suffix}" if args.suffix else ""))
+        stem = f"device-speed-{run.name}{args.suffix}"
+        (out / f"{stem}.json").write_text(json.dumps({"environment": env, "command": command, **result},
+                                                     indent=2) + "\n")
+        (out / f"{stem}.md").write_text(render(result, env, command, args))
         print(render(result, env, command, args))
     return 0
 
