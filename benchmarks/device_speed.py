@@ -293,8 +293,9 @@ def render(result: dict, env: dict, command: str, args) -> str:
     lines = [f"# Device speed: {result['run']}", "",
              f"`{command}` on {env['machine']} ({env['cpu']}), {env['cpus']} CPUs; onnxruntime "
              f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}"
-             + (f", executorch {env['executorch']}" if env.get("executorch") else "") + ". 1 thread, batch 1; {args.rounds} "
-             f"interleaved rounds of >= {args.min_seconds} s per artifact. p50: median of the per-round p50s; "
+             + (f", executorch {env['executorch']}" if env.get("executorch") else "")
+             + f". 1 thread, batch 1; {args.rounds} interleaved rounds of >= {args.min_seconds} s per artifact. "
+             "p50: median of the per-round p50s; "
              "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
              "'eff.': GFLOP/s over the teacher's in the same target; file / fp32: the artifact's bytes over the same "
              "model's fp32 file in its format. Scan 'auto' is the targets' export form "
@@ -378,7 +379,7 @@ def main() -> int:
                    (f" --before-rev {args.before_rev}" if args.before_rev else "") +
                    (f" --targets {args.targets}" if args.targets != ",".join(TARGETS) else "") +
                    (f" --before-scan '{args.before_scan}'" if args.before_scan != "torch" else "") +
-                   (f" --suffix {args.suffix}" if args.suffix else ""))
+                   (f" --suffix={args.suffix}" if args.suffix else ""))
         stem = f"device-speed-{run.name}{args.suffix}"
         (out / f"{stem}.json").write_text(json.dumps({"environment": env, "command": command, **result},
                                                      indent=2) + "\n")
