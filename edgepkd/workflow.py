@@ -222,8 +222,8 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
                 if (manifest.parent / e["file"]).is_file()}
     explicit = reference is not None
     if not explicit:
-        chain = [r for r in metrics["models"] if r.get("role") == "chain"]
-        reference = max(chain, key=lambda r: r["test_acc"])["name"] if chain else None
+        students = [r for r in metrics["models"] if r.get("role") == "chain"]
+        reference = max(students, key=lambda r: r["test_acc"])["name"] if students else None
     if not set(metrics["ensemble_prefixes"][-1]["members"]) <= have:
         log(f"early exit: exporting the ensemble's members to {tgt.name}")
         export_run(str(run), tgt, models=["ensemble-members"], data_dir=data_dir, log=log)

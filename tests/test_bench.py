@@ -557,6 +557,15 @@ def test_pick_weighs_the_cascades_each_by_its_own_stages(run_copy, tmp_path, cap
     capsys.readouterr()
     sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
     assert sel["choice"]["kind"] == "cascade" and sel["choice"]["members"] == ["ensemble/e1", "chain/s1"]
+    # every cascade fast enough only with more RAM than the budget: too big, not too slow
+    res["cascade"][0]["ram_bytes"] = 4 << 30
+    result.write_text(json.dumps(res))
+    assert main(["pick", str(run_copy), "--device", "local1", "--devices-dir", str(folder), "--no-bench"]) == 0
+    capsys.readouterr()
+    sel = json.loads((run_copy / "selection.json").read_text())["devices"]["local1"]
+    cascade = next(e for e in sel["early_exit"] if e["kind"] == "cascade")
+    assert sel["choice"].get("kind") != "cascade" and cascade["verdict"].startswith("too big (RAM)"), cascade
+    res["cascade"][0]["ram_bytes"] = 2 << 20
     # a stage exported again since: the cascades are stale, the ensemble result as such is not
     res["stage_files"]["chain/s2"]["sha256"] = "0" * 64
     result.write_text(json.dumps(res))

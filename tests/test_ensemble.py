@@ -182,7 +182,8 @@ def test_early_exit_at_theta_one_is_the_full_prefix_and_thresholds_cut_work(swit
 
 
 @pytest.mark.slow
-def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switched_run, tmp_path, capsys):
+def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switched_run, tmp_path, capsys,
+                                                                         monkeypatch):
     import shutil
 
     _, src = switched_run
@@ -216,6 +217,14 @@ def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switche
     assert all(res["stage_files"][m]["sha256"] == manifest[res["stage_files"][m]["file"]]["sha256"]
                for m in res["stage_files"])
     assert all(r["stages"][-1] == "chain/s1" for r in res["cascade"])
+    # --no-chain-cascade (the library's chain=False): measure is told so, whatever the reference default
+    from edgepkd import workflow
+    from edgepkd.measure import early_exit as ee
+
+    seen = {}
+    monkeypatch.setattr(ee, "measure", lambda *a, **kw: seen.update(kw) or {})
+    workflow.early_exit(run, "tflite-fp32", chain=False, log=lambda *a: None)
+    assert seen["chain"] is False and seen["reference"] == "chain/s1"
     from edgepkd.measure.early_exit import load_result
 
     assert load_result(run / "bench" / "early-exit-tflite-fp32.json")["members"] == res["members"]

@@ -16,9 +16,9 @@ export folder) runs on the same image, just before the members or just after the
 the two are compared side by side under the same machine load. The same trace gives the cascade whose last stage
 is the reference (``cascade_sweep``): members 1..K, then the reference on the images none of them is sure of.
 
-Chain cascade (``chain_cascade_sweep``): the run's other single students ("stages", cheaper than the reference),
-timed beside the reference on the same images, each on its own logits; an image runs one or two of them, cheapest
-first, and the reference only when none is sure (confidence >= θ). It is not the ensemble: it is the same exit
+Chain cascade (``chain_cascade_sweep``): the run's other chain students ("stages"), timed beside the reference on
+the same images, each on its own logits; an image runs one or two of them, cheapest first by their measured step,
+and the reference only when none is sure (confidence >= θ). It is not the ensemble: it is the same exit
 rule over the chain the run also trains, the classic cascade of one cheap and one accurate model.
 
 Everything here needs only numpy and the runtime (compress/runtimes.py's adapters), as on the device.
@@ -420,14 +420,20 @@ def load_result(path: Path) -> dict:
             and isinstance(f.get("bytes"), int) for f in res["files"]):
         raise RunError(f"{path}: not an early-exit result edgepkd wrote (files needs file, bytes, sha256 per "
                        f"member); {fix}")
-    known = set(res["members"]) | set(res.get("stage_files") or {})
+    stage_files = res.get("stage_files", {})
+    if not isinstance(stage_files, dict):
+        raise RunError(f"{path}: not an early-exit result edgepkd wrote (stage_files must map each model to its "
+                       f"file); {fix}")
+    known = {m for m in res["members"] if isinstance(m, str)} | set(stage_files)
     for key in ("cascade", "chain_cascade"):
         rows = res.get(key, [])
         ok = isinstance(rows, list) and all(
             isinstance(r, dict) and all(isinstance(r.get(k), number) for k in ("theta", "accuracy", "mean_ms",
                                                                                "p90_ms", "max_ms"))
+            and (r.get("ram_bytes") is None or isinstance(r["ram_bytes"], int))
             and (("stages" not in r and key == "cascade") or (
-                isinstance(r.get("stages"), list) and set(r["stages"]) <= known
+                isinstance(r.get("stages"), list) and all(isinstance(n, str) for n in r["stages"])
+                and set(r["stages"]) <= known
                 and isinstance(r.get("worst"), dict) and all(isinstance(r["worst"].get(k), number)
                                                              for k in ("mean", "p90", "max"))))
             for r in rows)
@@ -437,7 +443,7 @@ def load_result(path: Path) -> dict:
                            f"worst case); {fix}")
     if not all(isinstance(f, dict) and all(isinstance(f.get(k), t) for k, t in (("file", str), ("bytes", int),
                                                                                   ("sha256", str)))
-               for f in (res.get("stage_files") or {}).values()):
+               for f in stage_files.values()):
         raise RunError(f"{path}: not an early-exit result edgepkd wrote (stage_files needs file, bytes, sha256 per "
                        f"model); {fix}")
     return res

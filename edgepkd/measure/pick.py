@@ -534,7 +534,9 @@ def weigh_early_exit(sel: Selection) -> None:
         if e.kind == "cascade":   # each row loads its own models: the most accurate that fits every budget
             rows = [r for r in rows if small(e, r)] or rows
         e.row = choose_theta(rows, mean_ms=lim.latency_ms)
-        if e.row is None:
+        if e.row is None and e.kind == "cascade" and choose_theta(e.rows(), mean_ms=lim.latency_ms) is not None:
+            e.row = choose_theta(e.rows(), mean_ms=lim.latency_ms)   # fast enough only with too much RAM/storage:
+        if e.row is None:                                            # the size checks below say so
             fastest = min(rows, key=lambda r: r["mean_ms"])
             what = (f"θ ({fastest['theta']:g})" if e.kind == "ensemble" else
                     f"cascade ({' -> '.join(fastest['stages'])}, θ = {fastest['theta']:g})")
