@@ -531,12 +531,10 @@ def weigh_early_exit(sel: Selection) -> None:
             e.verdict = e.excluded
             continue
         rows = e.rows()
-        if e.kind == "cascade":   # each row loads its own models: the most accurate that fits every budget
-            rows = [r for r in rows if small(e, r)] or rows
         e.row = choose_theta(rows, mean_ms=lim.latency_ms)
-        if e.row is None and e.kind == "cascade" and choose_theta(e.rows(), mean_ms=lim.latency_ms) is not None:
-            e.row = choose_theta(e.rows(), mean_ms=lim.latency_ms)   # fast enough only with too much RAM/storage:
-        if e.row is None:                                            # the size checks below say so
+        if e.kind == "cascade":   # each row loads its own models: the most accurate that fits every budget, else
+            e.row = choose_theta([r for r in rows if small(e, r)], mean_ms=lim.latency_ms) or e.row  # (too big) any
+        if e.row is None:
             fastest = min(rows, key=lambda r: r["mean_ms"])
             what = (f"θ ({fastest['theta']:g})" if e.kind == "ensemble" else
                     f"cascade ({' -> '.join(fastest['stages'])}, θ = {fastest['theta']:g})")
