@@ -299,7 +299,7 @@ def render(result: dict, env: dict, command: str, args) -> str:
              "repeat: slowest round's p50 / fastest (the noise of the row's ratios); GFLOP/s: analytic MFLOPs / p50; "
              "'eff.': GFLOP/s over the teacher's in the same target; file / fp32: the artifact's bytes over the same "
              "model's fp32 file in its format. Scan 'auto' is the targets' export form "
-             "('ssd' for headed students, else 'unrolled'; in ONNX 'ssd_matmul' and the conv as a (1, K) Conv2d, "
+             "('ssd' for headed students, else 'unrolled'; in ONNX 'ssd_onnx', the conv as a (1, K) Conv2d and the projections as W @ x, "
              f"edgepkd.models.mamba.EXPORT_FORMS), '{args.before_scan}' the form compared with it (before"
              + ("; 'default-form': ONNX without EXPORT_FORMS, i.e. 'ssd' and a Conv1d" if args.before_scan ==
                 DEFAULT_FORM else "") + ").", ""]

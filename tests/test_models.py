@@ -4,6 +4,7 @@ import torch
 
 from conftest import registered_student
 
+from edgepkd.compress import onnx_export
 from edgepkd.errors import ConfigError
 from edgepkd.models import STUDENTS, TEACHERS, MambaStudent, build_teacher, export_mode, set_scan_backend
 from edgepkd.models.mamba import EXPORT_FORMS, EXPORTABLE_SCANS, SSMBranch
@@ -180,7 +181,7 @@ def test_ssd_export_is_one_xnnpack_partition_whose_ops_do_not_grow_with_length(t
     assert counts[1, None]["ops"] >= counts[2, None]["ops"] + 2 * (64 - 16), counts  # the step loop: per position
 
 
-def test_onnx_export_form_uses_a_2d_conv_and_a_matmul_for_c_b_and_restores_the_training_form(tmp_path):
+def test_onnx_export_form_uses_a_2d_conv_matmuls_and_no_transposes_and_restores_the_training_form(tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -193,11 +194,12 @@ def test_onnx_export_form_uses_a_2d_conv_and_a_matmul_for_c_b_and_restores_the_t
     for fmt in ("onnx", "tflite"):
         with export_mode(model, fmt=fmt), torch.no_grad():
             assert (branch.scan_backend, branch.conv_form) == (
-                ("ssd_matmul", "conv2d") if fmt == "onnx" else ("ssd", "conv1d"))
+                ("ssd_onnx", "conv2d") if fmt == "onnx" else ("ssd", "conv1d"))
             torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
             if fmt == "onnx":
                 path = tmp_path / "m.onnx"
-                torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, verbose=False)
+                torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, verbose=False,
+                                  custom_translation_table=onnx_export._translations())
                 graphs[fmt] = onnx.load(str(path)).graph
     assert (branch.scan_backend, branch.conv_form) == ("auto", "conv1d")   # training form restored
     convs = [n for n in graphs["onnx"].node if n.op_type == "Conv"]
@@ -206,7 +208,13 @@ def test_onnx_export_form_uses_a_2d_conv_and_a_matmul_for_c_b_and_restores_the_t
     matmul_of_activations = [n for n in graphs["onnx"].node if n.op_type == "MatMul"
                              and not any(i in {t.name for t in graphs["onnx"].initializer} for i in n.input)]
     assert len(matmul_of_activations) >= 2                        # C^T B and (G * M) @ (dt u)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in graphs["onnx"].node]
+    assert ops.count("Softplus") == 1 and "Log" not in ops, ops   # dt's softplus as one node
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert ops.count("Transpose") == 1, ops                       # the patch tokens'; the block's fold into MatMuls
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
 
@@ -280,3 +288,23 @@ def test_headed_tflite_export_is_right_with_the_builtin_kernels_too(tmp_path):
         it.invoke()
         np.testing.assert_allclose(it.get_tensor(it.get_output_details()[0]["index"]), ref, atol=1e-4,
                                    err_msg=resolver)
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+def test_onnx_softplus_is_one_overflow_free_node(tmp_path, beta):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+
+    class Softplus(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.softplus(x, beta=beta)
+
+    x = torch.linspace(-100, 100, 401).reshape(1, 401)
+    path = tmp_path / "softplus.onnx"
+    torch.onnx.export(Softplus(), (x,), str(path), dynamo=True, opset_version=18, verbose=False,
+                      custom_translation_table=onnx_export._translations())
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Softplus" in ops and "Where" not in ops, ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, torch.nn.functional.softplus(x, beta=beta).numpy(), atol=1e-6, rtol=1e-6)

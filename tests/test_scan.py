@@ -218,15 +218,15 @@ def test_every_backend_takes_heads_as_the_same_scan_per_channel(heads, length):
             torch.testing.assert_close(g[k] / scale, want / scale, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["ssd", "ssd_onnx"])
 @pytest.mark.parametrize("length", [1, 2, 16, 49])
-def test_ssd_last_state_and_strong_decay(length):
-    from edgepkd.models.scan import selective_scan_ssd
-
+def test_ssd_last_state_and_strong_decay(length, backend):
     x = headed_inputs(3, length=length)
     x["A"] = x["A"] * 200.0   # exp(S_t - S_s) underflows to 0 off the diagonal: stays finite and right
     x["delta"] = x["delta"] * 30.0
     ref, ref_last = selective_scan_torch(**expanded(x), delta_softplus=True, return_last_state=True)
-    out, last = selective_scan_ssd(**x, delta_softplus=True, return_last_state=True)
+    out = SCAN_BACKENDS.get(backend)(**x, delta_softplus=True)
+    _, last = SCAN_BACKENDS.get(backend)(**x, delta_softplus=True, return_last_state=True)
     assert torch.isfinite(out).all()
     # step sizes up to ~40 make outputs of ~30: float32 sums in another order differ by ~4e-5 relative
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -76,9 +76,10 @@ class ExportTarget:
     description: str = ""
     quantization: QuantConfig = field(default_factory=QuantConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    scan: Literal["auto", "unrolled", "ssd", "ssd_matmul", "ssd_bmm", "torch", "closed"] = "auto"  # exportable
+    scan: Literal["auto", "unrolled", "ssd", "ssd_matmul", "ssd_onnx", "ssd_bmm", "torch",
+                  "closed"] = "auto"       # exportable
                                            # scan. auto: 'ssd' for headed students (batched matmuls;
-                                           # 'ssd_matmul' in ONNX, 'ssd_bmm' in ExecuTorch),
+                                           # 'ssd_onnx' in ONNX, 'ssd_bmm' in ExecuTorch),
                                            # else 'unrolled' (the step loop in
                                            # a position-major layout, fastest in ORT/TFLite at image-sized L);
                                            # 'torch': the reference's own layout; 'closed': fewer ops, L times

@@ -54,20 +54,32 @@ class SSMBranch(nn.Module):
         self.form: dict = {}       # export_mode sets its format's EXPORT_FORMS entry ('split', 'norm')
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # x, z: (B, d_inner, L)
-        x = F.pad(x, (self.conv1d.kernel_size[0] - 1, 0))                   # (B, d_inner, L + d_conv - 1)
-        if self.conv_form == "conv2d":                                      # (B, d_inner, 1, L + d_conv - 1)
-            x = F.conv2d(x.unsqueeze(2), self.conv1d.weight.unsqueeze(2), self.conv1d.bias,
+        pad = (self.conv1d.kernel_size[0] - 1, 0)
+        if self.conv_form == "conv2d":  # pad after the unsqueeze: onnxruntime fuses a Pad right before a Conv
+            x = F.pad(x.unsqueeze(2), pad)                                  # (B, d_inner, 1, L + d_conv - 1)
+            x = F.conv2d(x, self.conv1d.weight.unsqueeze(2), self.conv1d.bias,
                          groups=self.d_inner).squeeze(2)                    # (B, d_inner, L)
         else:
-            x = self.conv1d(x)                                              # (B, d_inner, L)
+            x = self.conv1d(F.pad(x, pad))                                  # (B, d_inner, L)
         x = F.silu(x)                                                       # (B, d_inner, L) causal
-        dt, B, C = _split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state],
-                          self.form)                                        # (B, L, R), (B, L, N), (B, L, N)
-        dt = self.dt_proj(dt).transpose(1, 2)                               # (B, H, L); H = d_inner or heads
+        if self.form.get("proj") == "channels" and self.heads is not None:  # W @ x on (B, d, L), no transposes,
+            r = self.dt_rank  # dt_proj folded into x_proj (the exporter folds the weights' product to one constant)
+            w = torch.cat([self.dt_proj.weight @ self.x_proj.weight[:r], self.x_proj.weight[r:]])  # (H + 2N, D)
+            dt, B, C = _split(w @ x, [self.heads, self.d_state, self.d_state], self.form,
+                              dim=1)                                        # (B, H, L), (B, N, L), (B, N, L)
+            dt = dt + self.dt_proj.bias[:, None]                            # (B, H, L)
+        elif self.form.get("proj") == "channels":  # Mamba-1: folded, dt_proj would be a (D, D) matrix
+            dt, B, C = _split(self.x_proj.weight @ x, [self.dt_rank, self.d_state, self.d_state], self.form,
+                              dim=1)                                        # (B, R, L), (B, N, L), (B, N, L)
+            dt = self.dt_proj.weight @ dt + self.dt_proj.bias[:, None]      # (B, D, L)
+        else:
+            dt, B, C = _split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state],
+                              self.form)                                    # (B, L, R), (B, L, N), (B, L, N)
+            dt = self.dt_proj(dt).transpose(1, 2)                           # (B, H, L); H = d_inner or heads
+            B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (B, N, L) each
         A = -torch.exp(self.A_log.float())                                  # (d_inner, N) or (heads, 1)
         scan = get_scan(resolve_backend(self.scan_backend, x.device))
-        return scan(x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                    self.D.float(), z=z, delta_softplus=True)               # (B, d_inner, L)
+        return scan(x, dt, A, B, C, self.D.float(), z=z, delta_softplus=True)  # (B, d_inner, L)
 
     def scan_flops(self, length: int) -> int:
         """Selective-scan FLOPs per sample, of the form a device runs, + L·D for the D skip + L·D for the z gate.
@@ -95,7 +107,10 @@ class MambaMixer(nn.Module):
         self.form: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                     # x: (B, L, d_model)
-        xz = self.in_proj(x).transpose(1, 2)                                # (B, 2 d_inner, L)
+        if self.form.get("proj") == "channels":
+            xz = self.in_proj.weight @ x.transpose(1, 2)                    # (B, 2 d_inner, L): one MatMul
+        else:
+            xz = self.in_proj(x).transpose(1, 2)                            # (B, 2 d_inner, L)
         if self.form.get("split") == "slice":
             x, z = _split(xz, [self.fwd.d_inner] * 2, self.form, dim=1)     # (B, d_inner, L) each
         else:
@@ -205,16 +220,20 @@ def set_scan_backend(model: nn.Module, name: str) -> None:
             m.scan_backend = name
 
 
-EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "ssd_bmm", "torch", "closed")
+EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "ssd_onnx", "ssd_bmm", "torch", "closed")
 
 # What an export format runs differently from the default form (measured in its runtime, issue #13; the same
 # math, the same weights). onnxruntime: the depthwise causal conv as a (1, K) Conv2d (its 1-D depthwise Conv took
-# 7.6 us for 96 channels x 16 positions, the 2-D one 3.9 us) and the headed scan's C^T B as one MatMul
-# ('ssd_matmul'). TFLite keeps the defaults: there a matmul of two activations leaves XNNPACK, and the conv is the
-# same DEPTHWISE_CONV_2D either way. ExecuTorch (XNNPACK partitioner): the headed scan as 3-D bmm ('ssd_bmm'), the
+# 7.6 us for 96 channels x 16 positions, the 2-D one 3.9 us) with the padding where onnxruntime fuses it into the
+# Conv; the projections of a branch as W @ x on (B, d, L) ('proj': 'channels'; headed: dt_proj folded into
+# x_proj), so that no Transpose is left in a block (onnxruntime folds the one of in_proj's input into its
+# MatMul); and the headed scan as 'ssd_onnx' (C^T B as one MatMul, the product computed transposed, softplus as
+# one node): the MNIST recipe's largest student goes from 98 to 72 nodes after onnxruntime's optimisation.
+# TFLite keeps the defaults: there a matmul of two activations leaves XNNPACK, and the conv is the same
+# DEPTHWISE_CONV_2D either way. ExecuTorch (XNNPACK partitioner): the headed scan as 3-D bmm ('ssd_bmm'), the
 # splits as slices, LayerNorm and the token mean from 4-D means, so that the whole student is one XNNPACK
 # partition (the MNIST recipe's largest: 14 partitions and 27 ops outside them before).
-EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_matmul"},
+EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_onnx", "proj": "channels"},
                                  "executorch": {"headed_scan": "ssd_bmm", "split": "slice", "norm": "mean4d"}}
 
 
@@ -232,8 +251,8 @@ def export_scan(branch: SSMBranch, scan: str = "auto", fmt: str | None = None) -
 @contextlib.contextmanager
 def export_mode(model: nn.Module, scan: str = "auto", fmt: str | None = None):
     """Use an exportable pure-PyTorch scan in every branch ('auto': each branch's device form for export format
-    ``fmt``, see ``export_scan`` and ``EXPORT_FORMS``; or 'unrolled', 'ssd', 'ssd_matmul', 'ssd_bmm', the
-    reference 'torch', 'closed') and ``fmt``'s other forms (conv, split, norm), restoring the training forms
+    ``fmt``, see ``export_scan`` and ``EXPORT_FORMS``; or 'unrolled', 'ssd', 'ssd_matmul', 'ssd_onnx', 'ssd_bmm',
+    the reference 'torch', 'closed') and ``fmt``'s other forms (conv, split, norm), restoring the training forms
     afterwards."""
     if scan not in EXPORTABLE_SCANS:
         raise ValueError(f"scan '{scan}' is not exportable (exportable: {', '.join(EXPORTABLE_SCANS)})")

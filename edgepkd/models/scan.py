@@ -265,6 +265,38 @@ def selective_scan_ssd_matmul(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, _gram_matmul)
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_arrays_transposed(length: int):
+    """``_causal_arrays`` for the transposed form: segments (L, L·L) with [r, s·L + t] = 1 for s < r <= t and
+    mask (L_s, L_t) -1e30 below the diagonal (s > t), so that (dt·A) @ segments is every S_t - S_s laid out as
+    (L_s, L_t)."""
+    segments, mask = _causal_arrays(length)
+    transposed = segments.reshape(length, length, length).transpose(0, 2, 1).reshape(length, length * length)
+    return np.ascontiguousarray(transposed), np.ascontiguousarray(mask.T)
+
+
+@SCAN_BACKENDS.register("ssd_onnx")
+def selective_scan_ssd_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False):
+    """'ssd_matmul' computed transposed, the ONNX export form of headed branches: y (B, H, P, L_t) =
+    (dt·u) (B, H, P, L_s) @ (M^T * G^T) (B, H, L_s, L_t), with M^T's segment sums from the transposed constant and
+    G^T = B^T C as one matmul, so that u, dt and y keep the (B, D, L) layout and the graph has no Transpose (the
+    'ssd' form transposes v and y: two of them per block); dt's softplus is ``F.softplus``, which the ONNX export
+    writes as one Softplus node (``compress/onnx_export.py``; onnxruntime's kernel is overflow-free) instead of
+    the seven of ``softplus_exportable``. Same math as 'ssd'; the last state comes from it."""
+    if A.shape[1] != 1 or return_last_state:
+        return _ssd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, _gram_matmul)
+    bsz, dim, length, heads, p = _heads(u, delta)
+    dt = _step_size(delta, delta_bias, delta_softplus)                   # (B, H, L)
+    segments, mask = (torch.tensor(c, device=u.device) for c in _causal_arrays_transposed(length))
+    seg = ((dt * A.float()) @ segments).unflatten(-1, (length, length))  # (B, H, L_s, L_t): S_t - S_s for s < t
+    MT = torch.exp(seg + mask)                                           # (B, H, L_s, L_t) causal decay
+    GT = B.float().transpose(1, 2) @ C.float()                           # (B, L_s, L_t): B_s . C_t
+    v = u.float().reshape(bsz, heads, p, length) * dt.unsqueeze(2)       # (B, H, P, L_s)
+    y = (v @ (MT * GT.unsqueeze(1))).reshape(bsz, dim, length)           # (B, D, L)
+    return _skip_and_gate(y, u, D, z, u.dtype)                           # (B, D, L)
+
+
 _ONE = np.ones(1, dtype=np.float32)  # softplus's 1 as a (1,) constant, see selective_scan_ssd_bmm
 
 
