@@ -230,6 +230,39 @@ def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switche
     assert load_result(run / "bench" / "early-exit-tflite-fp32.json")["members"] == res["members"]
 
 
+def test_early_exit_does_not_export_again_what_verification_refused_with_the_same_weights(switched_run, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    from edgepkd import workflow
+    from edgepkd.compress import export as export_mod
+    from edgepkd.compress.targets import load_targets
+    from edgepkd.measure import early_exit as ee
+    from edgepkd.rundir import RunDir
+
+    _, src = switched_run
+    run = tmp_path / "tiny"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("export", "bench"))
+    tgt = load_targets().get("tflite-fp32")
+    folder = run / "export" / "tflite-fp32"
+    folder.mkdir(parents=True)
+    record = {"model": "chain/s2", **export_mod.refusal_key(RunDir(run), ["chain/s2"], tgt), "failures": ["x"]}
+    (folder / "manifest.json").write_text(json.dumps({"artifacts": [], "refused": [record]}))
+    calls, logs = [], []
+    monkeypatch.setattr(export_mod, "export_run", lambda run, target, models=None, **kw: calls.append(models) or [])
+    monkeypatch.setattr(ee, "measure", lambda *a, **kw: {})
+    workflow.early_exit(run, "tflite-fp32", log=logs.append)
+    assert ["ensemble-members"] in calls and ["chain/s1"] in calls
+    assert not any("chain/s2" in (m or []) for m in calls), calls
+    assert any("chain/s2 failed verification for tflite-fp32 before" in line for line in logs), logs
+    # once the weights change, it is exported again
+    weights = run / "weights" / "chain-s2.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    calls.clear()
+    workflow.early_exit(run, "tflite-fp32", log=logs.append)
+    assert ["chain/s2"] in calls, calls
+
+
 def test_choose_theta_meets_the_mean_budget_or_the_accuracy():
     from edgepkd.measure.early_exit import choose
 

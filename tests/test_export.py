@@ -145,6 +145,41 @@ def test_onnx_int8_weights_stores_int8_and_runs_the_fp32_graph(run_copy, tmp_pat
     assert _optimized_ops(int8, tmp_path) == _optimized_ops(fp32, tmp_path)
 
 
+def test_a_refusal_is_recorded_with_its_weights_and_target_and_cleared_by_a_later_export(run_copy):
+    """--keep-going (and early exit) record a verification refusal in the manifest; ``refused_before`` matches
+    it only while the weights, the target definition and edgepkd's version are the same."""
+    import dataclasses
+
+    from edgepkd.compress.export import export_run, refused_before, sha256
+    from edgepkd.compress.targets import VerifyConfig
+
+    base = load_targets().get("onnx-fp32")
+    strict = dataclasses.replace(base, verify=VerifyConfig(max_abs_diff=1e-30))  # no export is that exact
+    refused: list[str] = []
+    assert export_run(str(run_copy), strict, models=["chain/s2"], log=lambda *a: None, refused=refused) == []
+    assert refused == ["chain/s2"]
+    data = json.loads((run_copy / "export" / "onnx-fp32" / "manifest.json").read_text())
+    assert data["artifacts"] == [] and [r["model"] for r in data["refused"]] == ["chain/s2"]
+    weights = run_copy / "weights" / "chain-s2.safetensors"
+    assert data["refused"][0]["weights_sha256"] == {"chain/s2": sha256(weights)}
+    members = {"chain/s2": ["chain/s2"], "chain/s1": ["chain/s1"]}
+    assert list(refused_before(run_copy, strict, ["chain/s1", "chain/s2"], members)) == ["chain/s2"]
+    assert "|logit diff|" in refused_before(run_copy, strict, ["chain/s2"], members)["chain/s2"][0]
+    assert refused_before(run_copy, base, ["chain/s2"], members) == {}          # another tolerance: try again
+    from edgepkd.rundir import load_safetensors, save_safetensors
+
+    tensors, meta = load_safetensors(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] * 1.001                                    # retrained: other weights
+    save_safetensors(weights, tensors, meta)
+    assert refused_before(run_copy, strict, ["chain/s2"], members) == {}
+    # the same target passes once the tolerance is the built-in one: the record goes
+    assert [e["model"] for e in export_run(str(run_copy), base, models=["chain/s2"], log=lambda *a: None,
+                                           refused=[])] == ["chain/s2"]
+    data = json.loads((run_copy / "export" / "onnx-fp32" / "manifest.json").read_text())
+    assert "refused" not in data and [e["model"] for e in data["artifacts"]] == ["chain/s2"]
+
+
 def test_onnx_int8_dynamic_quantizes_weights_on_either_side_of_a_matmul(run_copy, loose_targets):
     """The ONNX form multiplies W @ x (EXPORT_FORMS 'proj'): quantize_dynamic's default quantizes a MatMul's
     weight only as its second operand, which left in_proj and x_proj in float (the MNIST s1 file 0.47x of fp32)."""

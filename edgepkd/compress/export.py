@@ -12,6 +12,7 @@ a failed conversion or verification leaves no file behind and the earlier artifa
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -157,9 +158,20 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     out_dir = run.path / "export" / target.name
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
-    previous = list(read_json(manifest_path, {"artifacts": list}, "a manifest", "move it away and export again",
-                              default={"artifacts": []})["artifacts"])
+    stored = read_json(manifest_path, {"artifacts": list}, "a manifest", "move it away and export again",
+                       default={"artifacts": []})
+    previous = list(stored["artifacts"])
+    listed = stored.get("refused")
+    refusals = {r["model"]: r for r in (listed if isinstance(listed, list) else [])
+                if isinstance(r, dict) and "model" in r}
     entries = []
+
+    def write_manifest():
+        keep = [e for e in previous if e["file"] not in {x["file"] for x in entries}]
+        atomic_write_json(manifest_path, {"edgepkd_version": edgepkd.__version__, "target": target.name,
+                                          "artifacts": sorted(keep + entries, key=lambda e: e["file"]),
+                                          **({"refused": sorted(refusals.values(), key=lambda r: r["model"])}
+                                             if refusals else {})})
     for c in chosen:
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
                else EnsemblePrefix([loaded[m] for m in c.members], c.info.get("shrinkage", 1.0))).eval()
@@ -191,6 +203,9 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             _cleanup(tmp)
             log(f"  {c.file_stem + target.suffix:<24} skipped: failed verification ({'; '.join(result.failures)})")
             refused.append(c.name)
+            refusals[c.name] = {"model": c.name, **refusal_key(run, c.members, target),
+                                "failures": result.failures}
+            write_manifest()
             continue
         if result is not None and not result.passed:
             _cleanup(tmp)
@@ -206,12 +221,55 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
             raise
         os.replace(tmp, final)
         entries.append(entry)
-        # the manifest follows every replaced file at once, so it never describes an older artifact
-        keep = [e for e in previous if e["file"] not in {x["file"] for x in entries}]
-        atomic_write_json(manifest_path, {"edgepkd_version": edgepkd.__version__, "target": target.name,
-                                          "artifacts": sorted(keep + entries, key=lambda e: e["file"])})
+        refusals.pop(c.name, None)
+        write_manifest()  # follows every replaced file at once, so it never describes an older artifact
         log(_describe(entry))
     return entries
+
+
+@functools.lru_cache(maxsize=1)
+def _code_sha256() -> str:
+    """sha256 of edgepkd's own Python sources (its export forms, converters and verification)."""
+    root = Path(edgepkd.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+REFUSAL_KEYS = ("weights_sha256", "target_sha256", "code_sha256")
+
+
+def refusal_key(run: RunDir, members: list[str], target: ExportTarget) -> dict:
+    """What a verification refusal depends on: the members' weights, the target's definition and edgepkd's code
+    (its export forms). A refusal recorded with the same key would be refused again, unless the runtime changed."""
+    import dataclasses
+    import json
+
+    spec = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str).encode()
+    return {"weights_sha256": {m: sha256(run.weights_path(m)) for m in members},
+            "target_sha256": hashlib.sha256(spec).hexdigest(), "code_sha256": _code_sha256()}
+
+
+def refused_before(run_path: str | Path, target: ExportTarget, models: list[str], members: dict[str, list[str]]
+                   ) -> dict[str, list[str]]:
+    """The ``models`` that ``export_run`` refused for ``target`` (with a ``refused`` list) with the same weights,
+    target definition and edgepkd code, with the failures it recorded: exporting them again would only repeat
+    the refusal."""
+    run = RunDir(run_path)
+    manifest = run.path / "export" / target.name / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    stored = read_json(manifest, {"artifacts": list}, "a manifest", "move it away and export again")
+    listed = stored.get("refused")
+    recorded = {r.get("model"): r for r in (listed if isinstance(listed, list) else []) if isinstance(r, dict)}
+    out = {}
+    for m in models:
+        r = recorded.get(m)
+        if r is not None and all(run.weights_path(x).is_file() for x in members[m]) and \
+                {k: r.get(k) for k in REFUSAL_KEYS} == refusal_key(run, members[m], target):
+            out[m] = list(r.get("failures", []))
+    return out
 
 
 def export_targets(run_path: str, targets: list[ExportTarget], *, models: list[str] | None = None,
