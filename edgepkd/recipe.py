@@ -221,7 +221,7 @@ def _demo_students() -> StudentsConfig:
 class Recipe:
     name: str = "digits"
     seed: int = 0
-    scan_backend: Literal["auto", "torch", "chunked", "cpp", "closed", "mamba_ssm"] = "auto"  # training scan
+    scan_backend: Literal["auto", "torch", "chunked", "cpp", "closed", "ssd", "mamba_ssm"] = "auto"  # training scan
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     baselines: list[BaselineConfig] = field(default_factory=list)

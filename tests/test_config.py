@@ -130,3 +130,13 @@ def test_float_written_without_a_dot_is_a_float(tmp_path):
 def test_unknown_scan_backend_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"scan_backend: 'cuda' is not allowed"):
         load_recipe(write(tmp_path, {"scan_backend": "cuda"}))
+
+
+def test_every_training_scan_backend_is_a_registered_one_and_ssd_trains_headed_students(tmp_path):
+    import typing
+
+    from edgepkd.models.scan import backend_names
+
+    allowed = typing.get_args(typing.get_type_hints(Recipe)["scan_backend"])
+    assert set(allowed) <= set(backend_names()) and "ssd" in allowed
+    assert load_recipe(write(tmp_path, {"scan_backend": "ssd"})).scan_backend == "ssd"
