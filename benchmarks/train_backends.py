@@ -54,11 +54,13 @@ def agreement(model, x, y, backend: str) -> dict:
         model.zero_grad(set_to_none=True)
         logits = model(x)
         F.cross_entropy(logits, y).backward()
-        out[name] = (logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        out[name] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (ref, ref_g), (got, got_g) = out["torch"], out[backend]
-    scale = max(g.abs().max().item() for g in ref_g)
+    if set(ref_g) != set(got_g):
+        raise SystemExit(f"{backend}: gradients for other parameters than the reference's")
+    scale = max(g.abs().max().item() for g in ref_g.values())
     return {"logits": (ref - got).abs().max().item(),
-            "grad_rel": max((a - b).abs().max().item() for a, b in zip(ref_g, got_g)) / max(scale, 1e-12)}
+            "grad_rel": max((ref_g[n] - got_g[n]).abs().max().item() for n in ref_g) / max(scale, 1e-12)}
 
 
 def main() -> int:
@@ -68,7 +70,7 @@ def main() -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: distill's, one per core)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -76,7 +78,14 @@ def main() -> int:
     from edgepkd.models import STUDENT_ARCH, build_model, set_scan_backend
     from edgepkd.config import to_dict
 
+    from edgepkd.distill.distributed import cpu_cores
+    from edgepkd.models import scan
+
+    args.threads = args.threads or cpu_cores()
     torch.set_num_threads(args.threads)
+    if "cpp" in args.backends.split(",") and scan._cpu_kernel() is None:
+        raise SystemExit("the cpp scan kernel does not build here ('cpp' would run as 'chunked'): "
+                         "give --backends without cpp")
     planned = workflow.distill(args.recipe, data_dir=args.data_dir, dry_run=True, log=lambda *a: None)
     recipe, data = planned.recipe, planned.data
     backends = args.backends.split(",")

@@ -12,7 +12,6 @@ place that calls them in order, and the only one above all of them. ``edgepkd di
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,8 +218,11 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     manifest = run / "export" / tgt.name / "manifest.json"
     have: set[str] = set()
     if manifest.is_file():
-        have = {e["model"] for e in json.loads(manifest.read_text())["artifacts"]
-                if (manifest.parent / e["file"]).is_file()}
+        from edgepkd.rundir import read_json
+
+        listed = read_json(manifest, {"artifacts": list}, "a manifest", "move it away and export again")["artifacts"]
+        have = {e["model"] for e in listed if isinstance(e, dict) and isinstance(e.get("model"), str)
+                and isinstance(e.get("file"), str) and (manifest.parent / e["file"]).is_file()}
     explicit = reference is not None
     if not explicit:
         students = [r for r in metrics["models"] if r.get("role") == "chain"]

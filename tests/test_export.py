@@ -178,13 +178,22 @@ def test_a_refusal_is_recorded_with_its_weights_and_target_and_cleared_by_a_late
                                            refused=[])] == ["chain/s2"]
     data = json.loads((run_copy / "export" / "onnx-fp32" / "manifest.json").read_text())
     assert "refused" not in data and [e["model"] for e in data["artifacts"]] == ["chain/s2"]
+    # malformed records are ignored, not a traceback: they only save a re-export
+    data["refused"] = [{"model": ["chain/s2"]}, "junk", {"model": None}, {"model": "chain/s2", "failures": None}]
+    (run_copy / "export" / "onnx-fp32" / "manifest.json").write_text(json.dumps(data))
+    assert refused_before(run_copy, strict, ["chain/s2"], members) == {}
+    assert export_run(str(run_copy), strict, models=["chain/s2"], log=lambda *a: None, refused=[]) == []
 
 
-def test_onnx_int8_dynamic_quantizes_weights_on_either_side_of_a_matmul(run_copy, loose_targets):
-    """The ONNX form multiplies W @ x (EXPORT_FORMS 'proj'): quantize_dynamic's default quantizes a MatMul's
-    weight only as its second operand, which left in_proj and x_proj in float (the MNIST s1 file 0.47x of fp32)."""
+def test_onnx_int8_dynamic_quantizes_every_matmul_weight(run_copy, loose_targets):
+    """The fp32 ONNX form multiplies W @ x (EXPORT_FORMS 'proj'), whose weight quantize_dynamic leaves in float
+    (it quantizes a MatMul's second operand only: the MNIST s1 file was 0.47x of fp32); onnxruntime-quantized
+    targets export the 'onnx-ort-quantized' form, with x @ W^T."""
     import onnx
     from onnx import numpy_helper
+
+    assert [load_targets().get(t).form for t in ("onnx-fp32", "onnx-int8-weights", "onnx-int8", "onnx-int8-dynamic")] \
+        == ["onnx", "onnx", "onnx-ort-quantized", "onnx-ort-quantized"]
 
     assert main(["export", str(run_copy), "--target", "loose-onnx-int8-dynamic", "--model", "chain/s1",
                  "--targets-dir", str(loose_targets)]) == 0

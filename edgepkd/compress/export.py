@@ -161,9 +161,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
     stored = read_json(manifest_path, {"artifacts": list}, "a manifest", "move it away and export again",
                        default={"artifacts": []})
     previous = list(stored["artifacts"])
-    listed = stored.get("refused")
-    refusals = {r["model"]: r for r in (listed if isinstance(listed, list) else [])
-                if isinstance(r, dict) and "model" in r}
+    refusals = _refusals(stored)
     entries = []
 
     def write_manifest():
@@ -184,7 +182,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                 "provenance": {"run": run.path.name, "recipe": recipe.name, "dataset": recipe.data.dataset,
                                "edgepkd_version": edgepkd.__version__, "torch_version": torch.__version__}}
         try:
-            with export_mode(net, scan=target.scan, fmt=target.format):
+            with export_mode(net, scan=target.scan, fmt=target.form):
                 fmt.export(net, example, tmp, target, calibration, meta)
             model = fmt.open(tmp)                                           # in its runtime
             result = (verify(model, net, x_test, data.test.y, target, fmt.second_opinions(tmp)) if do_verify
@@ -237,18 +235,33 @@ def _code_sha256() -> str:
     return h.hexdigest()
 
 
-REFUSAL_KEYS = ("weights_sha256", "target_sha256", "code_sha256")
+REFUSAL_KEYS = ("weights_sha256", "target_sha256", "code_sha256", "packages")
 
 
 def refusal_key(run: RunDir, members: list[str], target: ExportTarget) -> dict:
-    """What a verification refusal depends on: the members' weights, the target's definition and edgepkd's code
-    (its export forms). A refusal recorded with the same key would be refused again, unless the runtime changed."""
+    """What a verification refusal depends on: the members' weights, the target's definition, edgepkd's code (its
+    export forms) and the converters' and runtimes' versions. A refusal with the same key would be repeated."""
     import dataclasses
     import json
 
     spec = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str).encode()
     return {"weights_sha256": {m: sha256(run.weights_path(m)) for m in members},
-            "target_sha256": hashlib.sha256(spec).hexdigest(), "code_sha256": _code_sha256()}
+            "target_sha256": hashlib.sha256(spec).hexdigest(), "code_sha256": _code_sha256(),
+            "packages": _package_versions()}
+
+
+def _package_versions() -> dict[str, str | None]:
+    """Versions of the converters and runtimes an export and its verification run through (None: absent)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime", "litert-torch", "ai-edge-litert", "executorch",
+                 "torchao", "tflite-micro"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def refused_before(run_path: str | Path, target: ExportTarget, models: list[str], members: dict[str, list[str]]
@@ -261,15 +274,21 @@ def refused_before(run_path: str | Path, target: ExportTarget, models: list[str]
     if not manifest.is_file():
         return {}
     stored = read_json(manifest, {"artifacts": list}, "a manifest", "move it away and export again")
-    listed = stored.get("refused")
-    recorded = {r.get("model"): r for r in (listed if isinstance(listed, list) else []) if isinstance(r, dict)}
+    recorded = _refusals(stored)
     out = {}
     for m in models:
         r = recorded.get(m)
         if r is not None and all(run.weights_path(x).is_file() for x in members[m]) and \
                 {k: r.get(k) for k in REFUSAL_KEYS} == refusal_key(run, members[m], target):
-            out[m] = list(r.get("failures", []))
+            out[m] = [str(f) for f in r.get("failures") or [] if isinstance(r.get("failures"), list)]
     return out
+
+
+def _refusals(manifest: dict) -> dict[str, dict]:
+    """The manifest's 'refused' records by model; anything malformed is ignored (it only saves a re-export)."""
+    listed = manifest.get("refused")
+    return {r["model"]: r for r in (listed if isinstance(listed, list) else [])
+            if isinstance(r, dict) and isinstance(r.get("model"), str)}
 
 
 def export_targets(run_path: str, targets: list[ExportTarget], *, models: list[str] | None = None,

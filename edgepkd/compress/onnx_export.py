@@ -28,7 +28,7 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: Ex
         with torch.no_grad():
             torch.onnx.export(model, (example,), str(fp32), dynamo=True, opset_version=target.opset,
                               input_names=["input"], output_names=["logits"], external_data=False,
-                              verbose=False, custom_translation_table=_translations())
+                              verbose=False, custom_translation_table=_translations(target.opset))
         onnx.checker.check_model(str(fp32), full_check=True)
         graph = onnx.load(str(fp32))
         excluded = _slim(graph, quant)
@@ -47,13 +47,13 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Path, target: Ex
         Path(str(fp32) + ".data").unlink(missing_ok=True)
 
 
-def _translations() -> dict:
+def _translations(opset: int = 18) -> dict:
     """aten ops written differently from the exporter's default: softplus (beta 1) as ONNX's one Softplus node,
     which onnxruntime computes without overflow, instead of Softplus, Greater and Where (torch's threshold branch,
     whose x > 20 shortcut differs from the exact value by < 3e-9)."""
     import onnxscript
 
-    op = onnxscript.values.Opset("", 18)
+    op = onnxscript.values.Opset("", opset)
 
     def softplus(x, beta: float = 1.0, threshold: float = 20.0):
         if beta != 1.0:
@@ -110,11 +110,8 @@ def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded:
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         if q.method == "ort_dynamic":
-            # the weight may be either operand: the ONNX form multiplies W @ x (EXPORT_FORMS 'proj'), which
-            # quantize_dynamic's default (MatMulConstBOnly) leaves in float; a product of two activations stays
             quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded + _activation_matmuls(pre),
-                             extra_options={"MatMulConstBOnly": False})
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
             return
         reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration())
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -126,15 +123,6 @@ def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded:
                             nodes_to_exclude=excluded, calibrate_method=methods[q.calibration_method])
     finally:
         pre.unlink(missing_ok=True)
-
-
-def _activation_matmuls(path: Path) -> list[str]:
-    """Names of the MatMul nodes of the model at ``path`` with no constant operand (e.g. the SSD scan's C^T B)."""
-    import onnx
-
-    g = onnx.load(str(path)).graph
-    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in g.node if n.op_type == "MatMul" and not constants & set(n.input)]
 
 
 def _int8_weights(model, min_elements: int, per_channel: bool) -> None:

@@ -113,6 +113,14 @@ class ExportTarget:
     def suffix(self) -> str:
         return self.export_format.suffix
 
+    @property
+    def form(self) -> str:
+        """The ``edgepkd.models.mamba.EXPORT_FORMS`` key of this target's export form: its format's, except for
+        ONNX quantized by onnxruntime's quantizers, which expect a MatMul's weight as its second operand."""
+        if self.format == "onnx" and self.quantization.method in ("ort_static", "ort_dynamic"):
+            return "onnx-ort-quantized"
+        return self.format
+
 
 def load_targets(extra_dirs: list[Path] = ()) -> Registry[ExportTarget]:
     """Built-in targets, then ``./export/`` and ``extra_dirs``; a later file with a known name fails."""

@@ -130,7 +130,7 @@ class LatencyTable:
             path = folder / f"candidate-{i}{target.suffix}"
             meta = {"model": f"candidate-{i}", "target": target.name, "precision": "fp32",
                     "classes": [str(k) for k in range(self.num_classes)], "spec": spec}
-            with export_mode(net, scan=target.scan, fmt=target.format):
+            with export_mode(net, scan=target.scan, fmt=target.form):
                 target.export_format.export(net, example, path, target, lambda: iter(()), meta)
             entry = {"file": path.name, "model": meta["model"], "format": target.format, "precision": "fp32",
                      "target": target.name, "bytes": path.stat().st_size, "sha256": sha256(path),

@@ -68,7 +68,7 @@ class SSMBranch(nn.Module):
             dt, B, C = _split(w @ x, [self.heads, self.d_state, self.d_state], self.form,
                               dim=1)                                        # (B, H, L), (B, N, L), (B, N, L)
             dt = dt + self.dt_proj.bias[:, None]                            # (B, H, L)
-        elif self.form.get("proj") == "channels":  # Mamba-1: folded, dt_proj would be a (D, D) matrix
+        elif self.form.get("proj") == "channels":  # Mamba-1: not folded (that would be a (D, D) matrix)
             dt, B, C = _split(self.x_proj.weight @ x, [self.dt_rank, self.d_state, self.d_state], self.form,
                               dim=1)                                        # (B, R, L), (B, N, L), (B, N, L)
             dt = self.dt_proj.weight @ dt + self.dt_proj.bias[:, None]      # (B, D, L)
@@ -233,7 +233,11 @@ EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "ssd_onnx", "ssd_bm
 # DEPTHWISE_CONV_2D either way. ExecuTorch (XNNPACK partitioner): the headed scan as 3-D bmm ('ssd_bmm'), the
 # splits as slices, LayerNorm and the token mean from 4-D means, so that the whole student is one XNNPACK
 # partition (the MNIST recipe's largest: 14 partitions and 27 ops outside them before).
+# ONNX quantized by onnxruntime's quantizers ('onnx-ort-quantized', ExportTarget.form) keeps the projections as
+# x @ W^T: those quantizers take a MatMul's weight as its second operand (per-channel axis 1, and dynamic
+# quantization's MatMulConstBOnly), and exclude_modules matches the projections' own module names.
 EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_onnx", "proj": "channels"},
+                                 "onnx-ort-quantized": {"conv": "conv2d", "headed_scan": "ssd_onnx"},
                                  "executorch": {"headed_scan": "ssd_bmm", "split": "slice", "norm": "mean4d"}}
 
 
