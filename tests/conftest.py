@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import json
 import os
@@ -76,7 +77,35 @@ def tiny_exported_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of ``tiny_run`` with the exports the bench and ExecuTorch tests read: every model to tflite-fp32,
     chain/s1 to onnx-fp32, chain/s2 to loose-tflite-int8 (when the TFLite and ONNX modules are installed);
     chain/s1 and chain/s2 to executorch-fp32, chain/s2 to loose-executorch-int8 (when ExecuTorch is)."""
-    root = tmp_path_factory.mktemp("exported")
+    with built_once(tmp_path_factory, "exported") as (root, done):
+        if not done:
+            _export_tiny(tiny_run, root)
+    return root / "tiny"
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """A folder that a session fixture builds once per test session, also under pytest-xdist (`-n`), whose
+    workers share it: (folder, whether it is already built). The first worker builds it while holding a lock;
+    the others wait for it instead of building it again. Tests only read it (the ones that change a run work on a
+    copy, ``run_copy``)."""
+    from filelock import FileLock  # a dependency of torch
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield tmp_path_factory.mktemp(name), False
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+    root, marker = shared / name, shared / f"{name}.built"
+    with FileLock(str(shared / f"{name}.lock")):
+        done = marker.is_file()
+        if not done:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+        yield root, done
+        marker.touch()
+
+
+def _export_tiny(tiny_run: Path, root: Path) -> None:
     run = root / "tiny"
     shutil.copytree(tiny_run, run)
     loose = root / "targets"
@@ -90,7 +119,6 @@ def tiny_exported_run(tiny_run, tmp_path_factory) -> Path:
     for args in exports:
         code, _, err = invoke("export", run, *args, "--targets-dir", loose)
         assert code == 0, err
-    return run
 
 
 @pytest.fixture
