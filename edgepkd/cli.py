@@ -337,7 +337,8 @@ def evaluate(run, data_dir, device, tolerance, skip_missing, as_json):
 @click.option("--list-targets", is_flag=True, help="list the export targets and exit")
 @targets_dir_option
 @click.option("--keep-going", is_flag=True, help="write the models that pass verification, skip (and name) those "
-              "that fail; exits 1 when any was skipped")
+              "that fail; exits 1 when any was skipped. A model refused before with the same weights, target, "
+              "code and packages is skipped without exporting it again, unless named with --model")
 @click.option("--no-verify", is_flag=True,
               help="skip verification (says loudly that nothing was checked; the manifest records it)")
 @data_dir_option(of_run=True)

@@ -185,6 +185,39 @@ def test_a_refusal_is_recorded_with_its_weights_and_target_and_cleared_by_a_late
     assert export_run(str(run_copy), strict, models=["chain/s2"], log=lambda *a: None, refused=[]) == []
 
 
+def test_keep_going_does_not_export_again_what_it_refused_under_the_same_key(run_copy, monkeypatch):
+    """A refusal recorded under the current key is skipped by a later --keep-going export that names no model
+    (the same weights, target, code and packages give the same failure); a changed key or a named model exports."""
+    import dataclasses
+
+    import edgepkd.compress.export as export_mod
+    from edgepkd.compress.targets import VerifyConfig
+
+    base = load_targets().get("onnx-fp32")
+    strict = dataclasses.replace(base, verify=VerifyConfig(max_abs_diff=1e-30))  # no export is that exact
+    assert export_mod.export_run(str(run_copy), strict, models=["chain/s2"], log=lambda *a: None, refused=[]) == []
+    verify = export_mod.verify
+
+    def no_verify(*a, **k):
+        raise AssertionError("exported and verified again")
+    monkeypatch.setattr(export_mod, "verify", no_verify)
+    logs, refused = [], []
+    assert export_mod.export_run(str(run_copy), strict, models=["chain/s2"], log=logs.append, refused=refused,
+                                 skip_refused=True) == []
+    assert refused == ["chain/s2"] and "refused before" in logs[0] and "|logit diff|" in logs[0], logs
+    assert not list((run_copy / "export" / "onnx-fp32").glob(".*tmp*"))
+    monkeypatch.setattr(export_mod, "verify", verify)
+    # another tolerance is another key: exported, passes, and the record goes
+    assert [e["model"] for e in export_mod.export_run(str(run_copy), base, models=["chain/s2"], log=lambda *a: None,
+                                                      refused=[], skip_refused=True)] == ["chain/s2"]
+    # export_targets skips only with --keep-going and no model named
+    seen = []
+    monkeypatch.setattr(export_mod, "export_run", lambda *a, **k: seen.append(k["skip_refused"]) or [])
+    for keep_going, models in ((True, None), (True, ["chain/s2"]), (False, None)):
+        export_mod.export_targets(str(run_copy), [base], models=models, keep_going=keep_going, log=lambda *a: None)
+    assert seen == [True, False, False]
+
+
 def test_onnx_int8_dynamic_quantizes_every_matmul_weight(run_copy, loose_targets):
     """The fp32 ONNX form multiplies W @ x (EXPORT_FORMS 'proj'), whose weight quantize_dynamic leaves in float
     (it quantizes a MatMul's second operand only: the MNIST s1 file was 0.47x of fp32); onnxruntime-quantized

@@ -116,13 +116,16 @@ def sha256(path: Path) -> str:
 
 
 def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None = None, do_verify: bool = True,
-               data_dir: str | None = None, log=print, refused: list[str] | None = None) -> list[dict]:
+               data_dir: str | None = None, log=print, refused: list[str] | None = None,
+               skip_refused: bool = False) -> list[dict]:
     """Export, verify and describe the models of a run (every student and prefix, or ``models``) for one target;
     returns the manifest entries written.
 
     With a ``refused`` list, a model that fails verification is logged, skipped (nothing written for it) and
     its name appended, instead of stopping the export: ``edgepkd export --keep-going`` and ``edgepkd distill
-    --device`` use it so that the models that pass are written."""
+    --device`` use it so that the models that pass are written. With ``skip_refused`` too, a model whose
+    recorded refusal has its current key (``refusal_key``: the same weights, target, code and packages, so the
+    same outcome) is logged and appended without being exported again."""
     from edgepkd.data import load_run_dataset
     from edgepkd.models import export_mode, load_model
     from edgepkd.recipe import load_recipe
@@ -171,6 +174,14 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                                           **({"refused": sorted(refusals.values(), key=lambda r: r["model"])}
                                              if refusals else {})})
     for c in chosen:
+        if skip_refused and refused is not None and c.name in refusals and \
+                {k: refusals[c.name].get(k) for k in REFUSAL_KEYS} == refusal_key(run, c.members, target):
+            failures = refusals[c.name].get("failures")
+            log(f"  {c.file_stem + target.suffix:<24} skipped: refused before with the same weights, target, code "
+                f"and packages ({'; '.join(map(str, failures)) if isinstance(failures, list) else 'see manifest'}); "
+                "name it with --model to export it again")
+            refused.append(c.name)
+            continue
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
                else EnsemblePrefix([loaded[m] for m in c.members], c.info.get("shrinkage", 1.0))).eval()
         final = out_dir / f"{c.file_stem}{target.suffix}"
@@ -295,13 +306,15 @@ def export_targets(run_path: str, targets: list[ExportTarget], *, models: list[s
                    do_verify: bool = True, data_dir: str | None = None, log=print,
                    keep_going: bool = False) -> tuple[list[dict], list[str]]:
     """``export_run`` for each target in turn (``edgepkd export``, ``distill --device``); returns the entries
-    written and, with ``keep_going``, the models refused by verification as 'target: model'."""
+    written and, with ``keep_going``, the models refused by verification as 'target: model'. With
+    ``keep_going`` and no ``models`` named, a refusal recorded under the current key is not exported again
+    (``export_run``'s ``skip_refused``); a model named in ``models`` always is."""
     entries, refused = [], []
     for target in targets:
         log(f"{target.name}: exporting {run_path}")
         skipped: list[str] | None = [] if keep_going else None
         entries += export_run(run_path, target, models=models, do_verify=do_verify, data_dir=data_dir, log=log,
-                              refused=skipped)
+                              refused=skipped, skip_refused=keep_going and not models)
         log(f"  manifest: {run_path}/export/{target.name}/manifest.json")
         refused += [f"{target.name}: {name}" for name in skipped or []]
     return entries, refused
