@@ -237,8 +237,8 @@ EXPORTABLE_SCANS = ("auto", "unrolled", "ssd", "ssd_matmul", "ssd_onnx", "ssd_bm
 # x @ W^T: those quantizers take a MatMul's weight as its second operand (per-channel axis 1, and dynamic
 # quantization's MatMulConstBOnly), and exclude_modules matches the projections' own module names.
 EXPORT_FORMS: dict[str, dict] = {"onnx": {"conv": "conv2d", "headed_scan": "ssd_onnx", "proj": "channels"},
-                                 "onnx-ort-quantized": {"conv": "conv2d", "headed_scan": "ssd_onnx"},
                                  "executorch": {"headed_scan": "ssd_bmm", "split": "slice", "norm": "mean4d"}}
+EXPORT_FORMS["onnx-ort-quantized"] = {k: v for k, v in EXPORT_FORMS["onnx"].items() if k != "proj"}
 
 
 def export_scan(branch: SSMBranch, scan: str = "auto", fmt: str | None = None) -> str:
