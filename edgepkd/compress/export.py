@@ -174,12 +174,11 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                                           **({"refused": sorted(refusals.values(), key=lambda r: r["model"])}
                                              if refusals else {})})
     for c in chosen:
-        if skip_refused and refused is not None and c.name in refusals and \
-                {k: refusals[c.name].get(k) for k in REFUSAL_KEYS} == refusal_key(run, c.members, target):
-            failures = refusals[c.name].get("failures")
+        failures = (_same_refusal(refusals.get(c.name), run, c.members, target)
+                    if skip_refused and refused is not None else None)
+        if failures is not None:
             log(f"  {c.file_stem + target.suffix:<24} skipped: refused before with the same weights, target, code "
-                f"and packages ({'; '.join(map(str, failures)) if isinstance(failures, list) else 'see manifest'}); "
-                "name it with --model to export it again")
+                f"and packages ({'; '.join(failures) or 'see manifest'}); name it with --model to export it again")
             refused.append(c.name)
             continue
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
@@ -288,11 +287,20 @@ def refused_before(run_path: str | Path, target: ExportTarget, models: list[str]
     recorded = _refusals(stored)
     out = {}
     for m in models:
-        r = recorded.get(m)
-        if r is not None and all(run.weights_path(x).is_file() for x in members[m]) and \
-                {k: r.get(k) for k in REFUSAL_KEYS} == refusal_key(run, members[m], target):
-            out[m] = [str(f) for f in r.get("failures") or [] if isinstance(r.get("failures"), list)]
+        failures = _same_refusal(recorded.get(m), run, members[m], target)
+        if failures is not None:
+            out[m] = failures
     return out
+
+
+def _same_refusal(record: dict | None, run: RunDir, members: list[str], target: ExportTarget) -> list[str] | None:
+    """The failures of a refusal ``record`` made under the current ``refusal_key`` (an export would repeat it),
+    else None."""
+    if record is None or not all(run.weights_path(m).is_file() for m in members) or \
+            {k: record.get(k) for k in REFUSAL_KEYS} != refusal_key(run, members, target):
+        return None
+    failures = record.get("failures")
+    return [str(f) for f in failures] if isinstance(failures, list) else []
 
 
 def _refusals(manifest: dict) -> dict[str, dict]:
