@@ -187,11 +187,12 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     Exports what is missing first, verified as any export: the largest prefix's members (``--model
     ensemble-members``; a member failing verification stops it) and the reference, ``reference`` or else the
     most accurate chain student of metrics.json (one failing verification is left out, and said so); with
-    ``chain``, the other chain students too, for the chain cascade (those failing verification are left out; a
-    model refused before with the same weights, target and edgepkd code is not exported again). Then
+    ``chain``, the other chain students too, for the chain cascade (those failing verification are left out). A
+    default reference or chain student refused before with the same weights, target, code and packages is not
+    exported again (``export_run``'s ``skip_refused``). Then
     ``measure.early_exit.measure``, at the threads of ``device`` (a local profile of the target's format; default
     1 thread), which writes RUN/bench/early-exit-TARGET.json. Returns that result."""
-    from edgepkd.compress.export import export_run, file_stem, refused_before
+    from edgepkd.compress.export import export_run, file_stem
     from edgepkd.compress.targets import load_targets
     from edgepkd.measure import early_exit as ee
     from edgepkd.report import load_metrics
@@ -230,19 +231,11 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     if not set(metrics["ensemble_prefixes"][-1]["members"]) <= have:
         log(f"early exit: exporting the ensemble's members to {tgt.name}")
         export_run(str(run), tgt, models=["ensemble-members"], data_dir=data_dir, log=log)
-    def refused_earlier(names: list[str]) -> list[str]:
-        earlier = refused_before(run, tgt, names, {n: [n] for n in names})
-        if earlier:
-            log(f"early exit: {', '.join(earlier)} failed verification for {tgt.name} before, with the same "
-                f"weights, target and edgepkd code: not exported again (`edgepkd export {run} --target "
-                f"{tgt.name} --model {next(iter(earlier))}` says why)")
-        return list(earlier)
-
     if reference is not None and file_stem(reference) not in {file_stem(m) for m in have}:
-        refused: list[str] = [] if explicit else refused_earlier([reference])
-        if not refused:
-            log(f"early exit: exporting the reference {reference} to {tgt.name}")
-            export_run(str(run), tgt, models=[reference], data_dir=data_dir, log=log, refused=refused)
+        refused: list[str] = []                 # a default reference refused before is not exported again
+        log(f"early exit: exporting the reference {reference} to {tgt.name}")
+        export_run(str(run), tgt, models=[reference], data_dir=data_dir, log=log, refused=refused,
+                   skip_refused=not explicit)
         if refused and not explicit:
             log(f"early exit: {reference} failed verification for {tgt.name}: measured beside the most accurate "
                 "chain student exported there, if any")
@@ -250,12 +243,11 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     if chain and reference is not None:
         missing = [r["name"] for r in metrics["models"] if r.get("role") == "chain" and r["name"] != reference
                    and file_stem(r["name"]) not in {file_stem(m) for m in have}]
-        earlier = refused_earlier(missing) if missing else []
-        missing = [m for m in missing if m not in earlier]
         if missing:
             log(f"early exit: exporting {', '.join(missing)} to {tgt.name} for the chain cascade")
             refused = []
-            export_run(str(run), tgt, models=missing, data_dir=data_dir, log=log, refused=refused)
+            export_run(str(run), tgt, models=missing, data_dir=data_dir, log=log, refused=refused,
+                       skip_refused=True)
             if refused:
                 log(f"early exit: {', '.join(refused)} failed verification for {tgt.name}: left out of the chain "
                     "cascade")

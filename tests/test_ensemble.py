@@ -232,35 +232,53 @@ def test_early_exit_command_exports_what_is_missing_and_prints_the_sweep(switche
 
 def test_early_exit_does_not_export_again_what_verification_refused_with_the_same_weights(switched_run, tmp_path,
                                                                                          monkeypatch):
+    """A chain student whose refusal is recorded under the current key is skipped by export_run itself
+    (skip_refused), left out of the chain cascade, and exported once its weights change."""
     import shutil
 
     from edgepkd import workflow
     from edgepkd.compress import export as export_mod
     from edgepkd.compress.targets import load_targets
     from edgepkd.measure import early_exit as ee
-    from edgepkd.rundir import RunDir
+    from edgepkd.rundir import RunDir, load_safetensors, save_safetensors
 
     _, src = switched_run
     run = tmp_path / "tiny"
     shutil.copytree(src, run, ignore=shutil.ignore_patterns("export", "bench"))
-    tgt = load_targets().get("tflite-fp32")
-    folder = run / "export" / "tflite-fp32"
+    tgt = load_targets().get("onnx-fp32")
+    folder = run / "export" / "onnx-fp32"
     folder.mkdir(parents=True)
     record = {"model": "chain/s2", **export_mod.refusal_key(RunDir(run), ["chain/s2"], tgt), "failures": ["x"]}
     (folder / "manifest.json").write_text(json.dumps({"artifacts": [], "refused": [record]}))
-    calls, logs = [], []
-    monkeypatch.setattr(export_mod, "export_run", lambda run, target, models=None, **kw: calls.append(models) or [])
+    real, calls, logs = export_mod.export_run, [], []
+
+    def recording(run_path, target, models=None, **kw):
+        calls.append((models, kw.get("skip_refused", False)))
+        return real(run_path, target, models=models, **kw)
+
+    monkeypatch.setattr(export_mod, "export_run", recording)
     monkeypatch.setattr(ee, "measure", lambda *a, **kw: {})
-    workflow.early_exit(run, "tflite-fp32", log=logs.append)
-    assert ["ensemble-members"] in calls and ["chain/s1"] in calls
-    assert not any("chain/s2" in (m or []) for m in calls), calls
-    assert any("chain/s2 failed verification for tflite-fp32 before" in line for line in logs), logs
-    # once the weights change, it is exported again
+    workflow.early_exit(run, "onnx-fp32", log=logs.append)
+
+    def manifest():
+        return json.loads((folder / "manifest.json").read_text())
+
+    assert (["ensemble-members"], False) in calls and (["chain/s1"], True) in calls and (["chain/s2"], True) in calls
+    assert "chain/s2" not in {e["model"] for e in manifest()["artifacts"]} >= {"chain/s1"}
+    assert [r["model"] for r in manifest()["refused"]] == ["chain/s2"]
+    assert any("skipped: refused before" in line and "(x)" in line for line in logs), logs
+    assert any("chain/s2 failed verification for onnx-fp32: left out of the chain cascade" in line
+               for line in logs), logs
+    # retrained (other weights): exported again, and the record goes
     weights = run / "weights" / "chain-s2.safetensors"
-    weights.write_bytes(weights.read_bytes() + b" ")
+    tensors, meta = load_safetensors(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] * 1.001
+    save_safetensors(weights, tensors, meta)
     calls.clear()
-    workflow.early_exit(run, "tflite-fp32", log=logs.append)
-    assert ["chain/s2"] in calls, calls
+    workflow.early_exit(run, "onnx-fp32", log=logs.append)
+    assert calls == [(["chain/s2"], True)], calls
+    assert "chain/s2" in {e["model"] for e in manifest()["artifacts"]} and "refused" not in manifest()
 
 
 def test_choose_theta_meets_the_mean_budget_or_the_accuracy():

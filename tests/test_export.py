@@ -146,12 +146,20 @@ def test_onnx_int8_weights_stores_int8_and_runs_the_fp32_graph(run_copy, tmp_pat
 
 
 def test_a_refusal_is_recorded_with_its_weights_and_target_and_cleared_by_a_later_export(run_copy):
-    """--keep-going (and early exit) record a verification refusal in the manifest; ``refused_before`` matches
-    it only while the weights, the target definition and edgepkd's version are the same."""
+    """--keep-going (and early exit) record a verification refusal in the manifest; it matches (a later
+    --keep-going export skips the model) only while the weights, the target definition, edgepkd's code and the
+    packages are the same."""
     import dataclasses
 
-    from edgepkd.compress.export import export_run, refused_before, sha256
+    from edgepkd.compress.export import _refusals, _same_refusal, export_run, sha256
     from edgepkd.compress.targets import VerifyConfig
+    from edgepkd.rundir import RunDir
+
+    def refused_before(run, target, models, members):   # what a --keep-going export would skip, and why
+        path = run / "export" / target.name / "manifest.json"
+        records = _refusals(json.loads(path.read_text())) if path.is_file() else {}
+        found = {m: _same_refusal(records.get(m), RunDir(run), members[m], target) for m in models}
+        return {m: f for m, f in found.items() if f is not None}
 
     base = load_targets().get("onnx-fp32")
     strict = dataclasses.replace(base, verify=VerifyConfig(max_abs_diff=1e-30))  # no export is that exact

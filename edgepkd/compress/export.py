@@ -178,7 +178,8 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
                     if skip_refused and refused is not None else None)
         if failures is not None:
             log(f"  {c.file_stem + target.suffix:<24} skipped: refused before with the same weights, target, code "
-                f"and packages ({'; '.join(failures) or 'see manifest'}); name it with --model to export it again")
+                f"and packages ({'; '.join(failures) or 'see manifest'}); `edgepkd export {run_path} --target "
+                f"{target.name} --model {c.name}` exports it again")
             refused.append(c.name)
             continue
         net = (loaded[c.members[0]] if len(c.members) == 1 and c.name in loaded
@@ -271,25 +272,6 @@ def _package_versions() -> dict[str, str | None]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    return out
-
-
-def refused_before(run_path: str | Path, target: ExportTarget, models: list[str], members: dict[str, list[str]]
-                   ) -> dict[str, list[str]]:
-    """The ``models`` that ``export_run`` refused for ``target`` (with a ``refused`` list) with the same weights,
-    target definition and edgepkd code, with the failures it recorded: exporting them again would only repeat
-    the refusal."""
-    run = RunDir(run_path)
-    manifest = run.path / "export" / target.name / "manifest.json"
-    if not manifest.is_file():
-        return {}
-    stored = read_json(manifest, {"artifacts": list}, "a manifest", "move it away and export again")
-    recorded = _refusals(stored)
-    out = {}
-    for m in models:
-        failures = _same_refusal(recorded.get(m), run, members[m], target)
-        if failures is not None:
-            out[m] = failures
     return out
 
 
