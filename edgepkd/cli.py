@@ -518,6 +518,16 @@ def _thetas(text: str | None) -> list[float] | None:
     return sorted(set(values))
 
 
+def _exits(text: str | None) -> list[int] | None:
+    """--exits 3,5,7 -> [3, 5, 7]; the range is checked against the run's ensemble (early_exit.segments)."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--exits {text}: give comma-separated prefix sizes, e.g. 3,5,7") from None
+
+
 @cli.command(name="early-exit", context_settings=CONTEXT)
 @click.argument("run", metavar="RUN")
 @click.option("--target", required=True, metavar="NAME", shell_complete=_complete(_target_names),
@@ -533,12 +543,15 @@ def _thetas(text: str | None) -> list[float] | None:
 @click.option("--chain-cascade/--no-chain-cascade", "chain", default=True, show_default=True,
               help="also time the other chain students beside the reference (exported when missing), for the "
                    "cascade of one or two cheaper students, then the reference on the images they are unsure of")
+@click.option("--exits", metavar="LIST", help="exit points: the prefix sizes after which an image may leave, "
+              "comma-separated (e.g. 3,5,7; the last member is always one); the members between two run as one "
+              "exported graph, one invoke (default: every member)")
 @targets_dir_option
 @devices_dir_option
 @data_dir_option(of_run=True)
 @json_option("the result (as written to RUN/bench/early-exit-TARGET.json)")
-def early_exit(run, target, device, thetas, limit, repeats, reference, chain, targets_dir, devices_dir, data_dir,
-               as_json):
+def early_exit(run, target, device, thetas, limit, repeats, reference, chain, exits, targets_dir, devices_dir,
+               data_dir, as_json):
     """Run an ensemble member by member, exiting when confident: the θ sweep.
 
     Run the members of RUN's largest ensemble prefix one after another in the target's runtime, on this
@@ -548,8 +561,10 @@ def early_exit(run, target, device, thetas, limit, repeats, reference, chain, ta
     The same rule as a cascade: members 1..K, then the reference on the images none of them is sure of; and
     the chain cascade: one or two cheaper chain students, each on its own, then the reference. Exports the
     members (--model ensemble-members), the reference and (with --chain-cascade) the other chain students first
-    when they are missing, verified as any export. Writes RUN/bench/early-exit-TARGET.json, which edgepkd pick
-    reads to choose θ (and a cascade) for a device.
+    when they are missing, verified as any export. With --exits, an image may leave only after the prefixes
+    listed, and the members between two of them run as one exported graph (ensemble[a..b], exported when
+    missing). Writes RUN/bench/early-exit-TARGET.json, which edgepkd pick reads to choose θ (and a cascade) for
+    a device.
     """
     from edgepkd import workflow
     from edgepkd.measure.early_exit import render_early_exit, result_path
@@ -557,7 +572,7 @@ def early_exit(run, target, device, thetas, limit, repeats, reference, chain, ta
     log = _stderr if as_json else print
     res = workflow.early_exit(run, target, device=device, devices_dir=devices_dir, targets_dir=targets_dir,
                               reference=reference, thetas=_thetas(thetas), limit=limit, repeats=repeats,
-                              data_dir=data_dir, chain=chain, log=log)
+                              data_dir=data_dir, chain=chain, exits=_exits(exits), log=log)
     if as_json:
         print(json.dumps(res, indent=2))
     else:

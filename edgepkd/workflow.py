@@ -181,7 +181,7 @@ def deploy(run_path: str | Path, device, *, data_dir: str | None = None, devices
 def early_exit(run_path: str | Path, target: str, *, device: str | None = None, devices_dir: Sequence[str] = (),
                targets_dir: Sequence[str] = (), reference: str | None = None, thetas: Sequence[float] | None = None,
                limit: int | None = None, repeats: int = 3, data_dir: str | None = None, chain: bool = True,
-               log: Callable = print) -> dict:
+               exits: Sequence[int] | None = None, log: Callable = print) -> dict:
     """``edgepkd early-exit``: the anytime ensemble run member by member on this machine, θ swept.
 
     Exports what is missing first, verified as any export: the largest prefix's members (``--model
@@ -191,7 +191,8 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     default reference or chain student refused before with the same weights, target, code and packages is not
     exported again (``export_run``'s ``skip_refused``). Then
     ``measure.early_exit.measure``, at the threads of ``device`` (a local profile of the target's format; default
-    1 thread), which writes RUN/bench/early-exit-TARGET.json. Returns that result."""
+    1 thread), which writes RUN/bench/early-exit-TARGET.json. Returns that result. ``exits``: the exit points
+    (prefix sizes); the segments between them are exported too when missing (``ensemble[a..b]``, verified)."""
     from edgepkd.compress.export import export_run, file_stem
     from edgepkd.compress.targets import load_targets
     from edgepkd.measure import early_exit as ee
@@ -228,9 +229,17 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     if not explicit:
         students = [r for r in metrics["models"] if r.get("role") == "chain"]
         reference = max(students, key=lambda r: r["test_acc"])["name"] if students else None
-    if not set(metrics["ensemble_prefixes"][-1]["members"]) <= have:
+    names = metrics["ensemble_prefixes"][-1]["members"]
+    spans = ee.segments(exits, len(names)) if exits is not None else [(k, k) for k in range(1, len(names) + 1)]
+    singles = {names[a - 1] for a, b in spans if a == b}
+    if not singles <= have:
         log(f"early exit: exporting the ensemble's members to {tgt.name}")
         export_run(str(run), tgt, models=["ensemble-members"], data_dir=data_dir, log=log)
+    fused = [ee.segment_name(a, b, names) for a, b in spans if a != b]
+    if any(file_stem(m) not in {file_stem(h) for h in have} for m in fused):
+        missing = [m for m in fused if file_stem(m) not in {file_stem(h) for h in have}]
+        log(f"early exit: exporting the segments {', '.join(missing)} to {tgt.name}")
+        export_run(str(run), tgt, models=missing, data_dir=data_dir, log=log)
     if reference is not None and file_stem(reference) not in {file_stem(m) for m in have}:
         refused: list[str] = []                 # a default reference refused before is not exported again
         log(f"early exit: exporting the reference {reference} to {tgt.name}")
@@ -253,4 +262,4 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
                     "cascade")
     kwargs = {} if thetas is None else {"thetas": tuple(thetas)}
     return ee.measure(str(run), tgt.name, reference=reference, threads=threads, limit=limit, repeats=repeats,
-                      data_dir=data_dir, device=device, chain=chain, log=log, **kwargs)
+                      data_dir=data_dir, device=device, chain=chain, exits=exits, log=log, **kwargs)

@@ -390,3 +390,71 @@ def test_early_exit_members_share_one_prepared_input_only_when_their_inputs_agre
     differ = [Fake(0.5, [1.0, 0.0]), Fake(0.25, [0.0, 2.0])]
     ee.trace(differ, x, shrinkage=0.5, repeats=1)
     assert [m.prepared for m in differ] == [3, 3]                   # each its own quantization
+
+
+def test_exit_points_give_the_segments_between_them():
+    from edgepkd.errors import ConfigError
+    from edgepkd.measure import early_exit as ee
+
+    assert ee.segments([3, 5, 7], 7) == [(1, 3), (4, 5), (6, 7)]
+    assert ee.segments([2], 4) == [(1, 2), (3, 4)]                        # the last member always ends it
+    assert ee.segments([1, 2, 3], 3) == [(1, 1), (2, 2), (3, 3)]           # every member: the default's steps
+    assert [ee.segment_name(a, b, ["e1", "e2", "e3"]) for a, b in ee.segments([1, 3], 3)] == ["e1", "ensemble[2..3]"]
+    for bad in ([0, 3], [4], [2, 2], []):
+        with pytest.raises(ConfigError, match="--exits"):
+            ee.segments(bad, 3)
+
+
+@pytest.fixture(scope="module")
+def three_member_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("three")
+    recipe = {**TINY_RECIPE, "students": {"sizes": [{"d_model": 16, "depth": 1, "d_state": 4, "patch_size": 2},
+                                                    {"d_model": 12, "depth": 1, "d_state": 2, "patch_size": 2},
+                                                    {"d_model": 8, "depth": 1, "d_state": 2, "patch_size": 2}]}}
+    path = root / "three.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert distill(path, root / "runs", "--set", "distill.ensemble_shrinkage=0.5") == 0
+    return root / "runs" / "tiny"
+
+
+@pytest.mark.slow
+def test_early_exit_with_exit_points_runs_segments_and_answers_as_the_full_prefix(three_member_run, capsys):
+    from edgepkd.compress.runtimes import open_model
+    from edgepkd.measure.runner import preprocess
+
+    run = three_member_run
+    assert main(["export", str(run), "--target", "tflite-fp32", "--model", "ensemble[3..5]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 <= a <= b <= 3" in err, err
+    assert main(["early-exit", str(run), "--target", "tflite-fp32", "--exits", "0,3"]) == 2
+    assert "--exits" in capsys.readouterr().err
+    assert main(["early-exit", str(run), "--target", "tflite-fp32", "--exits", "1", "--thetas", "0,0.9,1",
+                 "--repeats", "1", "--no-chain-cascade"]) == 0
+    out = capsys.readouterr().out
+    assert "exporting the segments ensemble[2..3]" in out and "exits after 1, 3" in out
+    assert "worst case, all 2 segments (3 members)" in out
+    res = json.loads((run / "bench" / "early-exit-tflite-fp32.json").read_text())
+    m = json.loads((run / "metrics.json").read_text())["ensemble_prefixes"][-1]
+    assert res["members"] == [m["members"][0], "ensemble[2..3]"] and res["exits"] == [1, 3]
+    assert res["ensemble"] == m["members"]
+    folder = run / "export" / "tflite-fp32"
+    manifest = {e["file"]: e for e in json.loads((folder / "manifest.json").read_text())["artifacts"]}
+    seg = manifest["ensemble-2-3.tflite"]
+    assert seg["members"] == m["members"][1:] and seg["ensemble_segment"] == {"first": 2, "last": 3, "of": 3}
+    assert seg["verification"]["passed"] and seg["verification"]["max_abs_diff"] <= 1e-4
+    # θ = 1: the answer of the exported full prefix ensemble[1..3], image by image
+    assert main(["export", str(run), "--target", "tflite-fp32", "--model", "ensemble[1..3]"]) == 0
+    with np.load(run / "bench" / "test-images.npz") as z:
+        images, labels = z["images"], z["labels"]
+    full = open_model(str(folder / "ensemble-1-3.tflite"))
+    x = preprocess(images, seg["preprocessing"])
+    want = np.array([int(full.logits(full.run(full.prepare(x[i:i + 1])))[0].argmax()) for i in range(len(x))])
+    by = {r["theta"]: r for r in res["sweep"]}
+    assert by[1.0]["accuracy"] == pytest.approx(100.0 * (want == labels).mean())
+    assert by[1.0]["mean_members"] == 2 and by[0.0]["mean_members"] == 1
+    # exit points 2, 3: prefix ensemble[1..2] (an ordinary prefix export) is the first segment
+    assert main(["early-exit", str(run), "--target", "tflite-fp32", "--exits", "2,3", "--thetas", "1",
+                 "--repeats", "1", "--no-chain-cascade"]) == 0
+    res2 = json.loads((run / "bench" / "early-exit-tflite-fp32.json").read_text())
+    assert res2["members"] == ["ensemble[1..2]", m["members"][2]]
+    assert res2["sweep"][0]["accuracy"] == pytest.approx(by[1.0]["accuracy"])

@@ -73,6 +73,36 @@ def ensemble_members(metrics: dict) -> list[ExportCandidate]:
             for k, m in enumerate(last["members"])]
 
 
+def ensemble_segment(metrics: dict, name: str) -> ExportCandidate | None:
+    """``ensemble[a..b]`` with 1 < a <= b <= M: members a..b of the largest prefix combined as one graph,
+    ``combine``'s weights within the segment (member j weighs s^(b-j)), the exit points' unit of early exit
+    (``measure.early_exit``: P_b = s^(b-a+1) · P_(a-1) + segment). ``ensemble[1..b]`` is prefix b itself, in
+    metrics.json. None when ``name`` is not of that form; a RunError when its bounds are out of range."""
+    import re
+
+    hit = re.fullmatch(r"ensemble\[(\d+)\.\.(\d+)\]", name)
+    if hit is None or not metrics["ensemble_prefixes"]:
+        return None
+    a, b = int(hit[1]), int(hit[2])
+    last = metrics["ensemble_prefixes"][-1]
+    if a == 1:
+        return None                                                       # a prefix: listed in metrics.json
+    if not 1 < a <= b <= len(last["members"]):
+        raise RunError(f"--model {name}: members {a}..{b} are not a segment of the {len(last['members'])}-member "
+                       f"ensemble (give ensemble[a..b] with 1 <= a <= b <= {len(last['members'])})")
+    rows = {r["name"]: r for r in metrics["models"]}
+    members = last["members"][a - 1:b]
+
+    def total(key):
+        values = [rows[m].get(key) for m in members]
+        return None if any(v is None for v in values) else sum(values)
+
+    info = {"name": name, "role": "ensemble-segment", "members": members, "shrinkage": last.get("shrinkage", 1.0),
+            "params": total("params"), "macs": total("macs"), "flops": total("flops"), "mflops": total("mflops"),
+            "ensemble_segment": {"first": a, "last": b, "of": len(last["members"])}}
+    return ExportCandidate(name, file_stem(name), members, info)
+
+
 def export_candidates(run: RunDir, metrics: dict, only: list[str] | None = None) -> list[ExportCandidate]:
     """The teacher and baselines (when their weights are in the run: a device choice must see what the
     students compete with), every student and every ensemble prefix (default); or the models named in ``only``,
@@ -98,6 +128,9 @@ def export_candidates(run: RunDir, metrics: dict, only: list[str] | None = None)
     chosen = []
     for wanted in dict.fromkeys(only):
         match = [c for c in rows if wanted in (c.name, c.file_stem)]
+        segment = None if match else ensemble_segment(metrics, wanted)
+        if segment is not None:
+            match = [segment]
         if not match:
             from edgepkd.registry import closest
 
@@ -187,7 +220,7 @@ def export_run(run_path: str, target: ExportTarget, *, models: list[str] | None 
         final = out_dir / f"{c.file_stem}{target.suffix}"
         tmp = out_dir / f".{c.file_stem}.tmp{target.suffix}"
         meta = {"model": c.name, "members": c.members,
-                **{k: c.info[k] for k in ("shrinkage", "ensemble_member") if k in c.info},
+                **{k: c.info[k] for k in ("shrinkage", "ensemble_member", "ensemble_segment") if k in c.info},
                 "target": target.name, "precision": target.precision,
                 "classes": data.classes, "preprocessing": data.preprocessing(),
                 "provenance": {"run": run.path.name, "recipe": recipe.name, "dataset": recipe.data.dataset,
@@ -329,7 +362,7 @@ def _entry(path: Path, c: ExportCandidate, target: ExportTarget, model, meta: di
         "bytes": path.stat().st_size, "sha256": sha256(path),
         "params": c.info.get("params"), "macs": c.info.get("macs"), "flops": c.info.get("flops"),
         "pytorch_test_acc": c.info.get("test_acc"),
-        **({"ensemble_member": c.info["ensemble_member"]} if "ensemble_member" in c.info else {}),
+        **{k: c.info[k] for k in ("ensemble_member", "ensemble_segment") if k in c.info},
         "verification": result.as_dict() if result is not None else {"passed": None, "skipped": True},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": meta["provenance"],

@@ -21,6 +21,13 @@ the same images, each on its own logits; an image runs one or two of them, cheap
 and the reference only when none is sure (confidence >= θ). It is not the ensemble: it is the same exit
 rule over the chain the run also trains, the classic cascade of one cheap and one accurate model.
 
+Exit points (``exits``): the prefix sizes after which an image may leave, e.g. 3, 5, 7 of 7 members. Between two
+exit points the members run as one graph, a segment (``ensemble[1..3]`` is prefix 3; ``ensemble[4..5]`` is
+members 4 and 5 combined as ``combine`` weighs them inside the segment, ``compress.export.ensemble_segment``), and
+the runner adds it to the damped prefix before it: P_b = s^(b-a+1) · P_(a-1) + segment(a..b). Fewer invokes pay
+less of the runtime's fixed cost per invoke (in ai_edge_litert here the smallest MNIST member's whole step took
+0.048 ms against chain/s1's 0.128 ms: mostly that cost), at the price of fewer chances to leave. Default: every member is an exit point.
+
 Everything here needs only numpy and the runtime (compress/runtimes.py's adapters), as on the device.
 """
 
@@ -66,11 +73,12 @@ class Trace:
     stage_conf: "object" = None  # (N, S) float64: each stage's own confidence
 
 
-def trace(members: list, x, shrinkage: float, reference=None, repeats: int = 3, stages: list = ()) -> Trace:
+def trace(members: list, x, shrinkage, reference=None, repeats: int = 3, stages: list = ()) -> Trace:
     """Run ``members`` (runtime adapters: prepare/run/logits) in order on every image of ``x`` (N, C, H, W)
     float32, and ``reference`` and the chain ``stages`` (adapters, each on its own) beside them, ``repeats``
     passes; each step's time is its median over the passes (one pass alone catches page faults and scheduler
-    hiccups in single images)."""
+    hiccups in single images). ``shrinkage``: the factor on the prefix before each step adds its logits, one
+    float for all steps (one member each) or one per step (segments: s to the power of the segment's length)."""
     import numpy as np
 
     passes = [_trace_once(members, x, shrinkage, reference, stages) for _ in range(max(1, repeats))]
@@ -81,12 +89,13 @@ def trace(members: list, x, shrinkage: float, reference=None, repeats: int = 3, 
                  first.stage_conf)
 
 
-def _trace_once(members: list, x, shrinkage: float, reference=None, stages: list = ()) -> Trace:
+def _trace_once(members: list, x, shrinkage, reference=None, stages: list = ()) -> Trace:
     import numpy as np
 
     from edgepkd.models.ensemble import combine
 
     n, m, s = len(x), len(members), len(stages)
+    scales = [float(shrinkage)] * m if isinstance(shrinkage, (int, float)) else [float(v) for v in shrinkage]
     step_s, pred = np.zeros((n, m)), np.zeros((n, m), dtype=np.int64)
     conf = np.zeros((n, m))
     ref_s = np.zeros(n) if reference is not None else None
@@ -116,7 +125,7 @@ def _trace_once(members: list, x, shrinkage: float, reference=None, stages: list
             if inp is None or not shared:
                 inp = model.prepare(x[i:i + 1])                                    # (1, C, H, W) runtime dtype
             f = model.logits(model.run(inp))                                       # (1, K)
-            prefix = f if prefix is None else combine([prefix, f], shrinkage)      # (1, K)
+            prefix = f if prefix is None else combine([prefix, f], scales[k])      # (1, K)
             c = confidence(prefix[0])
             step_s[i, k] = clock() - t0
             conf[i, k], pred[i, k] = c, int(prefix[0].argmax())
@@ -229,6 +238,53 @@ def choose(rows: list[dict], mean_ms: float | None = None, min_accuracy: float |
     return max(fit, key=lambda r: (r["accuracy"], -r["mean_ms"]))
 
 
+def segments(exits, m: int) -> list[tuple[int, int]]:
+    """The segments (first, last member, 1-based) that run between the exit points ``exits`` of an m-member
+    ensemble; the last member is always one (appended when missing). A ConfigError names a bad list."""
+    from edgepkd.errors import ConfigError
+
+    points = sorted(set(int(e) for e in exits))
+    if not points or points[0] < 1 or points[-1] > m or len(points) != len(list(exits)):
+        raise ConfigError(f"--exits {','.join(str(e) for e in exits)}: give distinct prefix sizes between 1 and "
+                          f"{m} (the ensemble's members), e.g. 3,5,{m}")
+    if points[-1] != m:
+        points.append(m)
+    return [(a + 1, b) for a, b in zip([0, *points[:-1]], points)]
+
+
+def segment_name(first: int, last: int, members: list[str]) -> str:
+    """The model one segment exports as: a member itself, prefix ``ensemble[1..b]``, or ``ensemble[a..b]``."""
+    if first == last:
+        return members[first - 1]
+    return f"ensemble[{first}..{last}]"
+
+
+def segment_entries(folder: Path, members: list[str], spans: list[tuple[int, int]]) -> tuple[list[dict],
+                                                                                            list[dict]]:
+    """(the manifest entries of the segments ``spans`` in order, the entries that are none of the ensemble's)
+    of an export folder: a segment's entry is the one whose members are the segment's."""
+    from edgepkd.errors import RunError
+
+    manifest = folder / "manifest.json"
+    entries = json.loads(manifest.read_text())["artifacts"] if manifest.is_file() else []
+    found, missing = [], []
+    for a, b in spans:
+        want = members[a - 1:b]
+        hit = [e for e in entries if e.get("members") == want and (folder / e["file"]).is_file()]
+        hit.sort(key=lambda e: "ensemble_member" not in e)                 # a member's own tagged entry first
+        if hit:
+            found.append(hit[0])
+        else:
+            missing.append(segment_name(a, b, members))
+    if missing:
+        raise RunError(f"{folder}: segments not exported: {', '.join(missing)}; run edgepkd export "
+                       f"{folder.parent.parent} --target {folder.name} " + " ".join(f"--model '{n}'" for n in missing))
+    used = {e["file"] for e in found}
+    ensemble = set(members)
+    return found, [e for e in entries if e["file"] not in used and "ensemble_member" not in e
+                   and not set(e.get("members") or []) & ensemble]
+
+
 def member_entries(folder: Path) -> tuple[list[dict], list[dict]]:
     """(the ensemble's member entries in order, the other entries) of an export folder's manifest."""
     from edgepkd.errors import RunError
@@ -290,13 +346,14 @@ def members_ram_bytes(paths: list[str], threads: int, input_shape: list[int]) ->
 
 def measure(run_path: str, target: str, *, reference: str | None = None, thetas=DEFAULT_THETAS,
             threads: int = 1, limit: int | None = None, repeats: int = 3, data_dir: str | None = None,
-            device: str | None = None, chain: bool = True, log=print) -> dict:
+            device: str | None = None, chain: bool = True, exits=None, log=print) -> dict:
     """Trace the run's exported ensemble members (export folder ``target``) on the test split in this machine's
     runtime, sweep θ, and write ``RUN/bench/early-exit-<target>.json``. ``reference``: the single model timed
     beside them (default: the most accurate chain student exported there). ``device``: the name of the (local)
     device profile whose settings (``threads``) this measures, recorded so that ``pick`` knows what it is for.
     ``chain``: also time the other chain students exported there (verified ones) beside the reference, for
-    ``chain_cascade_sweep``.
+    ``chain_cascade_sweep``. ``exits``: the exit points (prefix sizes; default every member), each segment
+    between two of them one exported graph (see the module docstring).
 
     Every member file is checked against its manifest entry first (size and sha256; the result records them, so
     a member exported again later makes the result stale for ``pick``). RAM: ``members_ram_bytes``, all members
@@ -309,9 +366,21 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
     from edgepkd.measure.runner import preprocess
     from edgepkd.rundir import atomic_write_json
 
+    from edgepkd.report import load_metrics
+
     run = Path(run_path)
     folder = run / "export" / target
-    members, others = member_entries(folder)
+    if exits is None:
+        members, others = member_entries(folder)
+        ensemble = members[0]["ensemble_member"]["members"]
+        shrinkage = members[0]["ensemble_member"]["shrinkage"]
+        spans = [(k, k) for k in range(1, len(members) + 1)]
+    else:
+        last = load_metrics(run)["ensemble_prefixes"][-1]
+        ensemble, shrinkage = last["members"], last.get("shrinkage", 1.0)
+        spans = segments(exits, len(ensemble))
+        members, others = segment_entries(folder, ensemble, spans)
+    scales = [shrinkage ** (b - a + 1) for a, b in spans]                        # on the prefix before each step
     for e in members:
         check_artifact(Artifact(folder / e["file"], e, target, run))
     singles = [e for e in others if str(e.get("model", "")).startswith("chain/")]
@@ -337,17 +406,18 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
     stage_models = [open_model(str(folder / e["file"]), threads) for e in stages]
     for mdl in models + ([ref_model] if ref_model else []) + stage_models:        # warm up every interpreter
         mdl.run(mdl.prepare(x[:1]))
-    shrinkage = members[0]["ensemble_member"]["shrinkage"]
-    log(f"early exit: {len(members)} members of {target}, {len(x)} test images"
+    log(f"early exit: {len(members)} {'members' if len(members) == len(ensemble) else 'segments'} of {target}, "
+        f"{len(x)} test images"
         + (f", beside {ref['model']}" if ref else "")
         + (f" and {', '.join(e['model'] for e in stages)} (chain cascade)" if stages else ""))
-    tr = trace(models, x, shrinkage, ref_model, repeats, stage_models)
+    tr = trace(models, x, scales, ref_model, repeats, stage_models)
     rows = sweep(tr, labels, thetas)
     all_ms = tr.step_s.sum(1) * 1e3                                               # (N,)
     out = {"run": str(run), "target": target, "format": members[0].get("format"),
            "precision": members[0].get("precision"), "device": device,
            "runtime": f"{models[0].runtime} {models[0].version}",
            "threads": threads, "images": int(len(x)), "repeats": repeats, "members": [e["model"] for e in members],
+           "ensemble": list(ensemble), "exits": [b for _, b in spans],
            "files": [{"file": e["file"], "bytes": e["bytes"], "sha256": e["sha256"]} for e in members],
            "ram_bytes": ram,
            "shrinkage": shrinkage, "sweep": rows,
@@ -452,16 +522,21 @@ def load_result(path: Path) -> dict:
 def render_early_exit(res: dict, picked: dict | None = None) -> str:
     """The θ sweep as a table, the worst case (every member), and the reference beside it."""
     on = f" for device '{res['device']}'" if res.get("device") else ""
-    lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}), {res['target']}, "
+    every = f"all {len(res['members'])} members"
+    exits = ""
+    if len(res.get("ensemble", res["members"])) != len(res["members"]):
+        every = f"all {len(res['members'])} segments ({len(res['ensemble'])} members)"
+        exits = f", exits after {', '.join(str(e) for e in res['exits'])}"
+    lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}{exits}), {res['target']}, "
              f"{res['runtime']}, {res['threads']} thread(s){on}, {res['images']} test images"]
     lines.append(f"{'theta':>7} {'acc %':>7} {'mean ms':>8} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} "
-                 f"{'members':>8}")
+                 f"{'members' if not exits else 'segments':>8}")
     for r in res["sweep"]:
         mark = "  <- picked" if picked is not None and r["theta"] == picked["theta"] else ""
         lines.append(f"{r['theta']:>7g} {r['accuracy']:>7.2f} {r['mean_ms']:>8.4f} {r['p50_ms']:>8.4f} "
                      f"{r['p90_ms']:>8.4f} {r['max_ms']:>8.4f} {r['mean_members']:>8.2f}{mark}")
     worst = res["all_members_ms"]
-    lines.append(f"worst case, all {len(res['members'])} members (no exit): mean {worst['mean']:.4f} ms, p90 "
+    lines.append(f"worst case, {every} (no exit): mean {worst['mean']:.4f} ms, p90 "
                  f"{worst['p90']:.4f} ms, max {worst['max']:.4f} ms")
     if res.get("reference"):
         ref = res["reference"]
@@ -483,7 +558,7 @@ def render_early_exit(res: dict, picked: dict | None = None) -> str:
             lines.extend(_render_chain_cascade(res))
     if picked is not None:
         lines.append(f"picked θ = {picked['theta']:g}: mean {picked['mean_ms']:.4f} ms, acc "
-                     f"{picked['accuracy']:.2f} %; worst case, all {len(res['members'])} members: p90 "
+                     f"{picked['accuracy']:.2f} %; worst case, {every}: p90 "
                      f"{worst['p90']:.4f} ms, max {worst['max']:.4f} ms")
     return "\n".join(lines)
 

@@ -389,8 +389,10 @@ class EarlyExit:
         if self.kind == "cascade":
             ref = (self.result.get("reference") or {}).get("model", "the reference")
             return f"cascade {' -> '.join(self.stages)}{theta}" if self.row else f"cascade ... -> {ref}"
-        m = self.result["members"]
-        return f"early exit {m[0]}..{m[-1].split('/')[-1]}{theta}"
+        m = self.result.get("ensemble", self.result["members"])
+        exits = "" if len(m) == len(self.result["members"]) else \
+            f" exits {','.join(str(e) for e in self.result['exits'])}"
+        return f"early exit {m[0]}..{m[-1].split('/')[-1]}{exits}{theta}"
 
     @property
     def label(self) -> str:
@@ -441,8 +443,9 @@ class EarlyExit:
 
     def worst_case(self) -> str:
         w = self.worst
-        every = (f"all {len(self.result['members'])} members" if self.kind == "ensemble" else
-                 f"every stage ({len(self.stages)})")
+        n, m = len(self.result["members"]), len(self.result.get("ensemble", self.result["members"]))
+        every = ((f"all {n} members" if n == m else f"all {n} segments ({m} members)") if self.kind == "ensemble"
+                 else f"every stage ({len(self.stages)})")
         return f"worst case, {every}: p90 {_ms(w['p90'])} ms, max {_ms(w['max'])} ms"
 
     def as_dict(self) -> dict:
@@ -480,7 +483,10 @@ def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
         for kind in kinds:
             e = EarlyExit(path, res, kind)
             measured_for = res.get("device")
-            again = f"edgepkd early-exit {run} --target {res['target']} --device {profile.name}"
+            exits = res.get("exits")
+            again = (f"edgepkd early-exit {run} --target {res['target']} --device {profile.name}"
+                     + (f" --exits {','.join(str(x) for x in exits)}"
+                        if isinstance(exits, list) and len(exits) != len(res.get("ensemble", exits)) else ""))
             if profile.connect != "local" and measured_for != profile.name:
                 e.excluded = (f"measured on this machine{f' for device {measured_for!r}' if measured_for else ''}, "
                               f"not on '{profile.name}' ({'estimated' if profile.estimated else profile.connect}): "
