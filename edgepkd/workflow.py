@@ -235,9 +235,10 @@ def early_exit(run_path: str | Path, target: str, *, device: str | None = None, 
     if not singles <= have:
         log(f"early exit: exporting the ensemble's members to {tgt.name}")
         export_run(str(run), tgt, models=["ensemble-members"], data_dir=data_dir, log=log)
+    exported = {file_stem(h) for h in have}
     fused = [ee.segment_name(a, b, names) for a, b in spans if a != b]
-    if any(file_stem(m) not in {file_stem(h) for h in have} for m in fused):
-        missing = [m for m in fused if file_stem(m) not in {file_stem(h) for h in have}]
+    missing = [m for m in fused if file_stem(m) not in exported]
+    if missing:
         log(f"early exit: exporting the segments {', '.join(missing)} to {tgt.name}")
         export_run(str(run), tgt, models=missing, data_dir=data_dir, log=log)
     if reference is not None and file_stem(reference) not in {file_stem(m) for m in have}:

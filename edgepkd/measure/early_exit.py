@@ -243,13 +243,28 @@ def segments(exits, m: int) -> list[tuple[int, int]]:
     ensemble; the last member is always one (appended when missing). A ConfigError names a bad list."""
     from edgepkd.errors import ConfigError
 
-    points = sorted(set(int(e) for e in exits))
-    if not points or points[0] < 1 or points[-1] > m or len(points) != len(list(exits)):
+    exits = [int(e) for e in exits]
+    points = sorted(set(exits))
+    if not points or points[0] < 1 or points[-1] > m or len(points) != len(exits):
         raise ConfigError(f"--exits {','.join(str(e) for e in exits)}: give distinct prefix sizes between 1 and "
                           f"{m} (the ensemble's members), e.g. 3,5,{m}")
     if points[-1] != m:
         points.append(m)
     return [(a + 1, b) for a, b in zip([0, *points[:-1]], points)]
+
+
+def fused_exits(res: dict) -> list[int] | None:
+    """A result's exit points when some members ran fused (segments), else None (every member an exit point);
+    results written before exit points existed have every member as one."""
+    if len(res.get("ensemble", res["members"])) == len(res["members"]):
+        return None
+    return res["exits"]
+
+
+def every_step(res: dict) -> str:
+    """'all 7 members', or 'all 3 segments (7 members)': what the worst case runs."""
+    n = len(res["members"])
+    return f"all {n} members" if fused_exits(res) is None else f"all {n} segments ({len(res['ensemble'])} members)"
 
 
 def segment_name(first: int, last: int, members: list[str]) -> str:
@@ -364,9 +379,8 @@ def measure(run_path: str, target: str, *, reference: str | None = None, thetas=
     from edgepkd.measure.bench import Artifact, check_artifact, test_images
     from edgepkd.compress.runtimes import open_model
     from edgepkd.measure.runner import preprocess
-    from edgepkd.rundir import atomic_write_json
-
     from edgepkd.report import load_metrics
+    from edgepkd.rundir import atomic_write_json
 
     run = Path(run_path)
     folder = run / "export" / target
@@ -522,11 +536,8 @@ def load_result(path: Path) -> dict:
 def render_early_exit(res: dict, picked: dict | None = None) -> str:
     """The θ sweep as a table, the worst case (every member), and the reference beside it."""
     on = f" for device '{res['device']}'" if res.get("device") else ""
-    every = f"all {len(res['members'])} members"
-    exits = ""
-    if len(res.get("ensemble", res["members"])) != len(res["members"]):
-        every = f"all {len(res['members'])} segments ({len(res['ensemble'])} members)"
-        exits = f", exits after {', '.join(str(e) for e in res['exits'])}"
+    every, fused = every_step(res), fused_exits(res)
+    exits = "" if fused is None else f", exits after {', '.join(str(e) for e in fused)}"
     lines = [f"early exit: {' -> '.join(res['members'])} (shrinkage {res['shrinkage']:g}{exits}), {res['target']}, "
              f"{res['runtime']}, {res['threads']} thread(s){on}, {res['images']} test images"]
     lines.append(f"{'theta':>7} {'acc %':>7} {'mean ms':>8} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} "

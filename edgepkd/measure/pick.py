@@ -389,9 +389,10 @@ class EarlyExit:
         if self.kind == "cascade":
             ref = (self.result.get("reference") or {}).get("model", "the reference")
             return f"cascade {' -> '.join(self.stages)}{theta}" if self.row else f"cascade ... -> {ref}"
-        m = self.result.get("ensemble", self.result["members"])
-        exits = "" if len(m) == len(self.result["members"]) else \
-            f" exits {','.join(str(e) for e in self.result['exits'])}"
+        from edgepkd.measure.early_exit import fused_exits
+
+        m, fused = self.result.get("ensemble", self.result["members"]), fused_exits(self.result)
+        exits = "" if fused is None else f" exits {','.join(str(e) for e in fused)}"
         return f"early exit {m[0]}..{m[-1].split('/')[-1]}{exits}{theta}"
 
     @property
@@ -443,9 +444,9 @@ class EarlyExit:
 
     def worst_case(self) -> str:
         w = self.worst
-        n, m = len(self.result["members"]), len(self.result.get("ensemble", self.result["members"]))
-        every = ((f"all {n} members" if n == m else f"all {n} segments ({m} members)") if self.kind == "ensemble"
-                 else f"every stage ({len(self.stages)})")
+        from edgepkd.measure.early_exit import every_step
+
+        every = every_step(self.result) if self.kind == "ensemble" else f"every stage ({len(self.stages)})"
         return f"worst case, {every}: p90 {_ms(w['p90'])} ms, max {_ms(w['max'])} ms"
 
     def as_dict(self) -> dict:
@@ -469,7 +470,7 @@ def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
     candidate for its ensemble's θ sweep and, when it recorded cascades with their stages, one for its cascades.
     A malformed one stops pick with one line; one measured elsewhere, on part of the test split, or with files
     exported again since is shown with the reason and does not compete."""
-    from edgepkd.measure.early_exit import load_result
+    from edgepkd.measure.early_exit import fused_exits, load_result
 
     out = []
     for path in sorted((run / "bench").glob("early-exit-*.json")):
@@ -483,10 +484,9 @@ def early_exit_candidates(run: Path, profile: DeviceProfile) -> list[EarlyExit]:
         for kind in kinds:
             e = EarlyExit(path, res, kind)
             measured_for = res.get("device")
-            exits = res.get("exits")
+            fused = fused_exits(res)
             again = (f"edgepkd early-exit {run} --target {res['target']} --device {profile.name}"
-                     + (f" --exits {','.join(str(x) for x in exits)}"
-                        if isinstance(exits, list) and len(exits) != len(res.get("ensemble", exits)) else ""))
+                     + ("" if fused is None else f" --exits {','.join(str(x) for x in fused)}"))
             if profile.connect != "local" and measured_for != profile.name:
                 e.excluded = (f"measured on this machine{f' for device {measured_for!r}' if measured_for else ''}, "
                               f"not on '{profile.name}' ({'estimated' if profile.estimated else profile.connect}): "
