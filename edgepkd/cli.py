@@ -351,7 +351,8 @@ def export(run, target_names, models, list_targets, targets_dir, keep_going, no_
     with the artifacts and manifest.json.
 
     Verification fails by default when the target's tolerance is missed (fp32: a logit differs by more than
-    max_abs_diff + max_rel_diff x |its PyTorch value|; int8: accuracy drop); nothing is written for a failed
+    max_abs_diff + max_rel_diff x |its PyTorch value|, or x the largest |logit| of its image with rel_scale: row, as
+    the built-in fp32 targets do; int8: accuracy drop); nothing is written for a failed
     model.
     """
     from edgepkd.compress.targets import load_targets

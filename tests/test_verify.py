@@ -1,4 +1,5 @@
-"""Export verification's pass rule for fp32 targets: |out - ref| <= max_abs_diff + max_rel_diff * |ref| per logit.
+"""Export verification's pass rule for fp32 targets: |out - ref| <= max_abs_diff + max_rel_diff * scale per logit,
+scale = |ref| (rel_scale: logit) or the largest |ref| of the image's row (rel_scale: row).
 
 The "runtime" here is the same student evaluated in float64 and rounded to float32: its differences from the
 float32 PyTorch model are float rounding and nothing else, the situation of an fp32 export of a model with
@@ -64,6 +65,40 @@ def test_large_logits_pass_with_the_relative_bound_and_a_real_mismatch_still_fai
     assert not mismatch.passed and "·|ref|" in mismatch.failures[0]
 
 
+def test_the_row_scale_admits_rounding_of_a_small_logit_beside_large_ones_and_a_real_mismatch_still_fails(
+        scaled_student):
+    model, x, y = scaled_student
+    artifact = Float64Model(model)
+    with torch.no_grad():
+        ref = model(x)
+    small = ref.abs() < 1.0                                          # logits near 0 in rows reaching hundreds
+    assert small.any() and (ref.abs().amax(1) > 100).all()
+    # each logit's own |ref| prices a small logit's rounding far below what it gets from its row's large sums
+    per_logit = verify(artifact, model, x, y, target(max_abs_diff=1e-6, max_rel_diff=1e-6))
+    print("rel_scale logit:", per_logit.failures)
+    assert not per_logit.passed and "·|ref| =" in per_logit.failures[0]
+    row = verify(artifact, model, x, y, target(max_abs_diff=1e-6, max_rel_diff=1e-6, rel_scale="row"))
+    assert row.passed, row.failures
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():                                            # one weight of the mixer, off by 1 %
+        broken.blocks[0].mixer.in_proj.weight[0, 0] *= 1.01
+    mismatch = verify(Float64Model(broken), model, x, y,
+                      target(max_abs_diff=1e-6, max_rel_diff=1e-6, rel_scale="row"))
+    print("rel_scale row, perturbed:", mismatch.failures)
+    assert not mismatch.passed
+    assert "(row max |ref| " in mismatch.failures[0] and "·max|ref row| =" in mismatch.failures[0]
+
+
+def test_the_built_in_fp32_targets_scale_by_the_row():
+    from edgepkd.compress.targets import load_targets
+
+    fp32 = [t for _, t in load_targets([]).items() if t.precision == "fp32"]
+    assert {t.name for t in fp32} >= {"onnx-fp32", "tflite-fp32", "executorch-fp32"}
+    assert all(t.verify.rel_scale == "row" and t.verify.max_rel_diff == 1e-5 for t in fp32), \
+        [(t.name, t.verify) for t in fp32]
+
+
 def test_a_nan_logit_fails_whatever_the_bounds(scaled_student):
     model, x, y = scaled_student
 
@@ -75,6 +110,7 @@ def test_a_nan_logit_fails_whatever_the_bounds(scaled_student):
 
     v = verify(NaNModel(model), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=0.5))
     assert not v.passed
+    assert not verify(NaNModel(model), model, x, y, target(max_abs_diff=1e-4, max_rel_diff=0.5, rel_scale="row")).passed
 
 
 def test_verify_config_checks_the_relative_bound_and_rejects_unknown_keys():
@@ -87,6 +123,9 @@ def test_verify_config_checks_the_relative_bound_and_rejects_unknown_keys():
         load(max_abs_diff=1e-4, max_rel_diff=-1e-5)
     with pytest.raises(ConfigError, match="verify.max_rel: unknown key; did you mean 'max_rel_diff'"):
         load(max_abs_diff=1e-4, max_rel=1e-5)
+    assert load(max_abs_diff=1e-4).verify.rel_scale == "logit"
+    with pytest.raises(ConfigError, match=r"t.yaml: verify.rel_scale: 'rows' is not allowed; did you mean 'row'"):
+        load(max_abs_diff=1e-4, max_rel_diff=1e-5, rel_scale="rows")
 
 
 class Perturbed(Float64Model):

@@ -58,6 +58,10 @@ class VerifyConfig:
     max_rel_diff: float | None = None      # fp32: each logit may also differ by this times |its PyTorch value|:
                                            # |out - ref| <= max_abs_diff + max_rel_diff * |ref| elementwise
                                            # (numpy.allclose's rule), so large logits are held to float rounding
+    rel_scale: Literal["logit", "row"] = "logit"  # what max_rel_diff multiplies: the logit's own |ref|, or the
+                                           # largest |ref| of its image's row (float rounding of a logit is that
+                                           # of the sums it came from, so a logit near 0 beside large ones rounds
+                                           # like them: 'row' is the built-in fp32 targets' rule)
     max_accuracy_drop: float | None = None  # int8: fail when accuracy drops more than this many points
     min_agreement: float | None = None     # fail when top-1 agreement with PyTorch fp32 (%) is below this
 
