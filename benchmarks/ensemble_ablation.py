@@ -192,6 +192,15 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown(path: Path) -> str:
+    """``path`` as the results print it: relative to the working directory when under it (no machine's home in
+    committed results), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base_run", help="a finished run of the recipe: teacher weights and chain students")
@@ -246,13 +255,13 @@ def main(argv=None) -> int:
     metrics = json.loads((base / "metrics.json").read_text())
     chain = [{"name": r["name"], "mflops": r["mflops"], "test_acc": r["test_acc"]}
              for r in metrics["models"] if r["role"] == "chain"]
-    res = {"recipe": base_recipe["name"], "base": str(base), "date": dt.date.today().isoformat(),
+    res = {"recipe": base_recipe["name"], "base": shown(base), "date": dt.date.today().isoformat(),
            "command": shlex.join(["python", "benchmarks/ensemble_ablation.py", *(argv or sys.argv[1:])]),
            "chain": chain, "variants": []}
     for v in variants:
         m = json.loads((Path(runs[v]) / "metrics.json").read_text())
         prefixes = m["ensemble_prefixes"]
-        res["variants"].append({"variant": v, "run": str(runs[v]), "prefixes": prefixes,
+        res["variants"].append({"variant": v, "run": shown(runs[v]), "prefixes": prefixes,
                                 "train_time_s": prefixes[-1]["train_time_s"], "goals": goals(prefixes, chain),
                                 "corrective": m.get("ensemble_corrective")})
     stem = f"ensemble-ablation-{base_recipe['name']}"
