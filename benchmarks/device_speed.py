@@ -3,7 +3,9 @@
     python benchmarks/device_speed.py runs/digits [runs/mnist ...] [--data-dir ../shared/data]
         # writes benchmarks/results/device-speed-<run>.md / .json (--suffix S: device-speed-<run>S.*)
 
-For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/) to
+For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/,
+removed when the run's results are written unless ``--keep-exports``: they are verified to report, not to gate,
+so ``edgepkd bench`` and ``pick`` must not find them among the run's exports) to
 TFLite (fp32, int8-static) and ONNX (fp32, int8), by default (``--targets``: any registered targets, ExecuTorch's
 included, timed in executorch.runtime with XNNPACK); the fp32 targets also with the previous export form of the scan
 (``--before-scan``, default 'torch': the reference's own layout; 'default-form': ONNX also without its entry in
@@ -32,6 +34,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -356,6 +359,9 @@ def main() -> int:
                     f"'{DEFAULT_FORM}': formats with an EXPORT_FORMS entry (ONNX) also without it)")
     ap.add_argument("--before-rev", help="also time the students of the run's recipe at this git revision (random "
                     "weights, fp32, --before-scan): the previous students, in the same rounds")
+    ap.add_argument("--keep-exports", action="store_true",
+                    help="keep RUN/export/speed-*/ (exported without gating verification; edgepkd bench and pick "
+                         "would take them as candidates)")
     args = ap.parse_args()
     import ai_edge_litert
     import onnxruntime
@@ -385,6 +391,9 @@ def main() -> int:
                                                      indent=2) + "\n")
         (out / f"{stem}.md").write_text(render(result, env, command, args))
         print(render(result, env, command, args))
+        if not args.keep_exports:
+            for folder in sorted((run / "export").glob("speed-*")):
+                shutil.rmtree(folder)
     return 0
 
 
