@@ -99,17 +99,6 @@ def test_the_built_in_fp32_targets_scale_by_the_row():
         [(t.name, t.verify) for t in fp32]
 
 
-def test_the_built_in_fp32_rule_passes_float_rounding_and_fails_a_weight_matrix_1_percent_off(scaled_student):
-    from edgepkd.compress.targets import load_targets
-
-    model, x, y = scaled_student
-    shipped = dict(load_targets([]).items())["tflite-fp32"]
-    assert verify(Float64Model(model), model, x, y, shipped).passed
-    off = verify(Perturbed(model), model, x, y, shipped)                # in_proj's whole weight x 1.01
-    print("shipped rule, in_proj x 1.01:", off.failures)
-    assert not off.passed and "·max|ref row|" in off.failures[0]
-
-
 def test_a_nan_logit_fails_whatever_the_bounds(scaled_student):
     model, x, y = scaled_student
 
@@ -169,3 +158,14 @@ def test_a_second_opinion_that_disagrees_fails_verification_and_one_that_agrees_
     assert verify(Float64Model(model), model, x, y, t8, [Perturbed(model, 1.001)]).passed
     wrong = verify(Float64Model(model), model, x, y, t8, [Perturbed(model, -1.0)])
     assert not wrong.passed and "top-1 agreement with torch-float64" in wrong.failures[0], wrong.failures
+
+
+def test_the_built_in_fp32_rule_passes_float_rounding_and_fails_a_weight_matrix_1_percent_off(scaled_student):
+    from edgepkd.compress.targets import load_targets
+
+    model, x, y = scaled_student
+    shipped = dict(load_targets([]).items())["tflite-fp32"]
+    assert verify(Float64Model(model), model, x, y, shipped).passed
+    off = verify(Perturbed(model), model, x, y, shipped)                # in_proj's whole weight x 1.01
+    print("shipped rule, in_proj x 1.01:", off.failures)
+    assert not off.passed and "·max|ref row|" in off.failures[0]
