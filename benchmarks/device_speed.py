@@ -134,6 +134,45 @@ def export_before(run: Path, rev: str, scan: str) -> list[dict]:
     return entries
 
 
+def export_floor(run: Path, targets: list[str]) -> list[dict]:
+    """The per-invoke floor of each format among ``targets``: the cheapest graph with the run's input and output
+    (a mean per input channel and a Linear to the classes: 2 or 3 ops), exported with the format's fp32 target,
+    random weights. Its p50 is what an invoke costs before any model work (input copy, dispatch, output), the
+    bound of the smallest students (issue #13)."""
+    import torch
+
+    from edgepkd.models.flops import count_flops
+
+    class InvokeFloor(torch.nn.Module):
+        def __init__(self, chans: int, classes: int):
+            super().__init__()
+            self.fc = torch.nn.Linear(chans, classes)
+
+        def forward(self, x):                                               # x: (B, C, H, W)
+            return self.fc(x.mean((2, 3)))                                  # (B, classes)
+
+    meta = json.loads((run / "metrics.json").read_text())["dataset"]
+    c, h, w = meta["input_shape"]
+    registry = load_targets()
+    entries, seen = [], set()
+    for name in targets:
+        fmt = registry.get(name).format
+        fp32 = next((t for _, t in registry.items() if t.format == fmt and t.precision == "fp32"), None)
+        if fp32 is None or fmt in seen:
+            continue
+        seen.add(fmt)
+        torch.manual_seed(0)
+        net = InvokeFloor(c, len(meta["classes"])).eval()
+        folder = run / "export" / f"speed-floor-{fp32.name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"floor{fp32.suffix}"
+        fp32.export_format.export(net, torch.randn(1, c, h, w), path, fp32, lambda: iter(()), {"model": "floor"})
+        entries.append({"model": "floor", "file": path.name, "path": str(path), "format": fmt, "precision": "fp32",
+                        "base_target": fp32.name, "scan": "floor", "flops": count_flops(net, (c, h, w)).flops,
+                        "input": {"shape": [1, c, h, w]}, "verification": {"accuracy": None}})
+    return entries
+
+
 def time_interleaved(entries: list[dict], rounds: int, min_seconds: float, min_runs: int = 100) -> None:
     """Adds p50_ms (median of per-round p50s), p90_ms (all runs), repeat (max/min per-round p50) to each entry."""
     loaded = []
@@ -240,7 +279,9 @@ def bench_run(run: Path, args) -> dict:
     entries = export_all(run, models, args.before_scan, args.data_dir, args.targets.split(","))
     if args.before_rev:
         entries += export_before(run, args.before_rev, args.before_scan or "unrolled")
-    time_interleaved(entries, args.rounds, args.min_seconds)
+    floors = export_floor(run, args.targets.split(","))
+    time_interleaved(entries + floors, args.rounds, args.min_seconds)
+    floor = {e["format"]: e for e in floors}
     teacher = {(e["base_target"], e["scan"]): e for e in entries if e["model"] == "teacher"}
     for e in entries:
         e["bytes"] = Path(e["path"]).stat().st_size
@@ -255,6 +296,13 @@ def bench_run(run: Path, args) -> dict:
                                                                if b == e["base_target"])
         e["vs_teacher"] = e["p50_ms"] / t["p50_ms"]
         e["eff_vs_teacher"] = e["gflops_per_s"] / t["gflops_per_s"]
+        f = floor.get(e["format"])
+        if f is not None:  # the model's work beyond an invoke's floor, and its efficiency there vs the teacher's
+            e["floor_ms"] = f["p50_ms"]
+            e["beyond_floor_ms"] = e["p50_ms"] - f["p50_ms"]
+            t_beyond = t["p50_ms"] - f["p50_ms"]
+            e["eff_beyond_floor_vs_teacher"] = ((e["mflops"] / e["beyond_floor_ms"]) / (t["mflops"] / t_beyond)
+                                                if e["beyond_floor_ms"] > 0 and t_beyond > 0 else None)
         e["acc"] = e["verification"].get("accuracy")
         if e["precision"] == "fp32" and e["format"] == "onnx":
             e["profile"] = onnx_profile(e["path"], args.profile_runs)
@@ -262,7 +310,13 @@ def bench_run(run: Path, args) -> dict:
             e["partitions"] = tflite_partitions(e["path"])
         if e["format"] == "executorch":
             e["partitions"] = executorch_partitions(e["path"])
-    return {"run": run.name, "teacher_arch": metrics.get("teacher", {}).get("arch") if isinstance(
+    for f in floors:
+        f.update(bytes=Path(f["path"]).stat().st_size, mflops=f["flops"] / 1e6)
+    for e in entries:
+        e["ops"] = op_count(e)
+    return {"run": run.name, "floors": [{k: f[k] for k in ("format", "base_target", "file", "bytes", "mflops",
+                                                           "p50_ms", "p90_ms", "repeat")} for f in floors],
+            "teacher_arch": metrics.get("teacher", {}).get("arch") if isinstance(
         metrics.get("teacher"), dict) else None, "rows": [{k: v for k, v in e.items() if k not in (
             "preprocessing", "classes", "provenance", "input", "output", "verification")} for e in entries]}
 
@@ -289,6 +343,66 @@ def int8_table(rows: list[dict]) -> list[str]:
                      f"{r['p50_ms']:.4f} | {f['p50_ms'] / r['p50_ms']:.2f} | {max(r['repeat'], f['repeat']):.2f} | "
                      f"{r['bytes'] / f['bytes']:.2f} |")
     return lines + [""]
+
+
+def floor_table(result: dict) -> list[str]:
+    """The per-invoke floor per format and each model's p50 against it (scan 'auto')."""
+    floors = result.get("floors") or []
+    rows = [r for r in result["rows"] if r.get("floor_ms") is not None and r["scan"] == "auto"]
+    if not floors or not rows:
+        return []
+    lines = ["## The per-invoke floor", "",
+             "The cheapest graph with the same input and output (a mean per channel and a Linear to the classes, "
+             "exported with the format's fp32 target), timed in the same rounds: what one invoke costs before any "
+             "model work. 'floor share': floor / p50; 'eff. beyond floor': MFLOPs / (p50 - floor) over the "
+             "teacher's, the same in the same target (int8 targets are set against their format's fp32 floor).", "",
+             "| format | floor target | floor p50 ms | repeat | file (B) |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {f['format']} | {f['base_target']} | {f['p50_ms']:.4f} | {f['repeat']:.2f} | {f['bytes']:,} |"
+              for f in floors]
+    lines += ["", "| model | target | MFLOPs | p50 ms | floor share | p50 - floor ms | eff. beyond floor / teacher |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["base_target"], r["model"] != "teacher", r["model"])):
+        eff = r.get("eff_beyond_floor_vs_teacher")
+        lines.append(f"| {r['model']} | {r['base_target']} | {r['mflops']:.3f} | {r['p50_ms']:.4f} | "
+                     f"{r['floor_ms'] / r['p50_ms']:.2f} | {r['beyond_floor_ms']:.4f} | "
+                     f"{'-' if eff is None else format(eff, '.2f')} |")
+    fits = cost_fits(rows)
+    if fits:
+        lines += ["", "A least-squares fit over the chain students of each fp32 target, p50 - floor = a x ops + b x "
+                  "MFLOPs (ops: the TFLite graph's, or onnxruntime's nodes after its optimisation): the price of "
+                  "an op and the rate of the FLOPs beyond it.", "",
+                  "| target | students | µs per op (a) | GFLOP/s beyond the ops (1/b) | worst residual µs |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {t} | {f['n']} | {f['us_per_op']:.3f} | "
+                  f"{'-' if f['gflops_per_s'] is None else format(f['gflops_per_s'], '.0f')} | "
+                  f"{f['worst_residual_us']:.1f} |" for t, f in fits.items()]
+    return lines + [""]
+
+
+def op_count(r: dict) -> int | None:
+    """A row's op count: its TFLite graph's ops, or onnxruntime's nodes (profiled fp32 rows)."""
+    if r.get("partitions") and r["format"] == "tflite":
+        return r["partitions"]["ops"]
+    if r.get("profile"):
+        return sum(v["nodes"] for v in r["profile"].values())
+    return None
+
+
+def cost_fits(rows: list[dict]) -> dict[str, dict]:
+    """Per fp32 target: p50 - floor ~ a x ops + b x MFLOPs over the chain students (at least 3 of them)."""
+    fits = {}
+    for target in sorted({r["base_target"] for r in rows if r["precision"] == "fp32"}):
+        sel = [r for r in rows if r["base_target"] == target and r["model"].startswith("chain/")
+               and op_count(r) is not None]
+        if len(sel) < 3:
+            continue
+        X = np.array([[op_count(r), r["mflops"]] for r in sel], dtype=float)
+        y = np.array([1e3 * r["beyond_floor_ms"] for r in sel])          # µs
+        (a, b), *_ = np.linalg.lstsq(X, y, rcond=None)
+        fits[target] = {"n": len(sel), "us_per_op": float(a),
+                        "gflops_per_s": float(1e3 / b) if b > 0 else None,   # b: µs per MFLOP
+                        "worst_residual_us": float(np.abs(X @ [a, b] - y).max())}
+    return fits
 
 
 def render(result: dict, env: dict, command: str, args) -> str:
@@ -320,6 +434,7 @@ def render(result: dict, env: dict, command: str, args) -> str:
                          f"{r['bytes']:,} | {'-' if r['bytes_vs_fp32'] is None else format(r['bytes_vs_fp32'], '.2f')} |")
         lines.append("")
     lines += int8_table(rows)
+    lines += floor_table(result)
     lines += ["## Where the time goes: onnxruntime kernel time per op type (µs per inference, share)", "",
               "| model | scan | nodes | top op types |", "|---|---|---:|---|"]
     for r in rows:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import manifest, one_line_error
+from conftest import REPO, manifest, one_line_error
 from edgepkd.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.export]
@@ -795,3 +795,28 @@ def test_a_data_backed_run_remembers_where_its_data_is(tmp_path, monkeypatch, ca
     assert main(["export", "runs/mnist-tiny", "--target", "tflite-fp32", "--model", "chain/s2"]) == 2
     assert f"MNIST not found: put {nowhere}/MNIST/raw/" in one_line_error(capsys)
     assert (run / "export" / "tflite-fp32" / "chain-s2.tflite").is_file()  # the earlier export is intact
+
+
+def test_device_speed_floor_and_cost_fit(tiny_run, tmp_path):
+    """benchmarks/device_speed.py's per-invoke floor exports and runs in both runtimes, and its cost fit recovers
+    a known price per op and rate of FLOPs (and declines with fewer than 3 students)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("ai_edge_litert")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import device_speed
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    floors = device_speed.export_floor(run, ["tflite-fp32", "tflite-int8-static", "onnx-fp32"])
+    assert [(f["format"], f["base_target"]) for f in floors] == [("tflite", "tflite-fp32"), ("onnx", "onnx-fp32")]
+    device_speed.time_interleaved(floors, rounds=1, min_seconds=0.0, min_runs=5)
+    assert all(f["p50_ms"] > 0 for f in floors)
+
+    def row(ops, mflops):  # p50 - floor = 0.5 µs per op + 10 µs per MFLOP (100 GFLOP/s)
+        return {"base_target": "onnx-fp32", "precision": "fp32", "model": f"chain/s{ops}", "format": "onnx",
+                "profile": {"Mul": {"nodes": ops}}, "mflops": mflops, "beyond_floor_ms": (0.5 * ops + 10 * mflops) / 1e3}
+
+    fit = device_speed.cost_fits([row(72, 3.5), row(40, 1.3), row(39, 0.1)])["onnx-fp32"]
+    assert fit["us_per_op"] == pytest.approx(0.5) and fit["gflops_per_s"] == pytest.approx(100)
+    assert fit["worst_residual_us"] < 1e-9
+    assert device_speed.cost_fits([row(72, 3.5), row(40, 1.3)]) == {}
