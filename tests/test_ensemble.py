@@ -458,3 +458,15 @@ def test_early_exit_with_exit_points_runs_segments_and_answers_as_the_full_prefi
     res2 = json.loads((run / "bench" / "early-exit-tflite-fp32.json").read_text())
     assert res2["members"] == ["ensemble[1..2]", m["members"][2]]
     assert res2["sweep"][0]["accuracy"] == pytest.approx(by[1.0]["accuracy"])
+
+
+def test_early_exit_default_thetas_match_the_cli_help():
+    """The sweep's default θ grid reaches below 1 in steps of 10x (issue #15) and --help states it as it is."""
+    from click.testing import CliRunner
+
+    from edgepkd.cli import cli
+    from edgepkd.measure.early_exit import DEFAULT_THETAS
+
+    assert DEFAULT_THETAS[-1] == 1.0 and 0.999999 in DEFAULT_THETAS and list(DEFAULT_THETAS) == sorted(DEFAULT_THETAS)
+    text = "".join(CliRunner().invoke(cli, ["early-exit", "--help"]).output.split())  # click wraps inside the list
+    assert "(default:" + ",".join(format(t, "g") for t in DEFAULT_THETAS) + ")" in text

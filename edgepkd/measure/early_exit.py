@@ -39,7 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_THETAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+# Up to 1 - 1e-6 below 1: members distilled from a teacher are often this sure, so a grid that stops at 0.999
+# leaves only θ = 1 (no exit) for the accuracy of the most accurate student (issue #15)
+DEFAULT_THETAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 0.99999, 0.999999, 1.0)
 
 
 def confidence(logits) -> float:
