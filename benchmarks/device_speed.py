@@ -3,6 +3,9 @@
     python benchmarks/device_speed.py runs/digits [runs/mnist ...] [--data-dir ../shared/data]
         # writes benchmarks/results/device-speed-<run>.md / .json (--suffix S: device-speed-<run>S.*)
 
+    python benchmarks/device_speed.py runs/mnist --with-run runs/mnist-depth1
+        # also RUN2's chain students (a design distilled from the same teacher) in the last run's rounds
+
 For each run, the teacher and every chain student are exported (into RUN/export/speed-<target>[-<scan>]/,
 removed when the run's results are written unless ``--keep-exports``: they are verified to report, not to gate,
 so ``edgepkd bench`` and ``pick`` must not find them among the run's exports) to
@@ -272,11 +275,27 @@ def executorch_partitions(path: str) -> dict:
     return {"partitions": delegates, "outside_delegate": dict(outside.most_common())}
 
 
-def bench_run(run: Path, args) -> dict:
+def variant_entries(other: Path, args) -> list[dict]:
+    """``other``'s chain students exported as in ``export_all`` (no before form), named '<run name>/chain/sK', to
+    be timed beside another run's teacher (--with-run: a student design distilled from the same teacher)."""
+    metrics = load_metrics(other)
+    rows = {r["name"]: r for r in metrics["models"]}
+    entries = export_all(other, [n for n, r in rows.items() if r["role"] == "chain"], None, args.data_dir,
+                         args.targets.split(","))
+    for e in entries:
+        e["flops"] = rows[e["model"]]["flops"]
+        e["spec"] = rows[e["model"]].get("spec")
+        e["model"] = f"{other.name}/{e['model']}"
+    return entries
+
+
+def bench_run(run: Path, args, with_runs: list[Path] = ()) -> dict:
     metrics = load_metrics(run)
     rows = {r["name"]: r for r in metrics["models"]}
     models = ["teacher"] + [r["name"] for r in metrics["models"] if r["role"] == "chain"]
     entries = export_all(run, models, args.before_scan, args.data_dir, args.targets.split(","))
+    for other in with_runs:
+        entries += variant_entries(other, args)
     if args.before_rev:
         entries += export_before(run, args.before_rev, args.before_scan or "unrolled")
     floors = export_floor(run, args.targets.split(","))
@@ -474,6 +493,10 @@ def main() -> int:
                     f"'{DEFAULT_FORM}': formats with an EXPORT_FORMS entry (ONNX) also without it)")
     ap.add_argument("--before-rev", help="also time the students of the run's recipe at this git revision (random "
                     "weights, fp32, --before-scan): the previous students, in the same rounds")
+    ap.add_argument("--with-run", action="append", default=[], metavar="RUN",
+                    help="also time RUN's chain students in the last run's rounds, against its teacher (a student "
+                         "design distilled from the same teacher, e.g. benchmarks/recipes/mnist-depth1.yaml); "
+                         "repeatable")
     ap.add_argument("--keep-exports", action="store_true",
                     help="keep RUN/export/speed-*/ (exported without gating verification; edgepkd bench and pick "
                          "would take them as candidates)")
@@ -492,22 +515,25 @@ def main() -> int:
         env["executorch"] = importlib.metadata.version("executorch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for run in map(Path, args.runs):
-        result = bench_run(run, args)
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        with_runs = [Path(r) for r in args.with_run] if run == runs[-1] else []
+        result = bench_run(run, args, with_runs)
         env["load_average_after"] = os.getloadavg()
         command = (f"python benchmarks/device_speed.py {run}" + (f" --data-dir {args.data_dir}" if args.data_dir
                    else "") + f" --rounds {args.rounds} --min-seconds {args.min_seconds}" +
                    (f" --before-rev {args.before_rev}" if args.before_rev else "") +
                    (f" --targets {args.targets}" if args.targets != ",".join(TARGETS) else "") +
                    (f" --before-scan '{args.before_scan}'" if args.before_scan != "torch" else "") +
-                   (f" --suffix={args.suffix}" if args.suffix else ""))
+                   (f" --suffix={args.suffix}" if args.suffix else "") +
+                   "".join(f" --with-run {r}" for r in with_runs))
         stem = f"device-speed-{run.name}{args.suffix}"
         (out / f"{stem}.json").write_text(json.dumps({"environment": env, "command": command, **result},
                                                      indent=2) + "\n")
         (out / f"{stem}.md").write_text(render(result, env, command, args))
         print(render(result, env, command, args))
         if not args.keep_exports:
-            for folder in sorted((run / "export").glob("speed-*")):
+            for folder in sorted({f for r in [run, *with_runs] for f in (r / "export").glob("speed-*")}):
                 shutil.rmtree(folder)
     return 0
 
