@@ -111,7 +111,7 @@ def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         if q.method == "ort_dynamic":
             quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded, reduce_range=q.reduce_range)
             return
         reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration())
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -120,7 +120,8 @@ def _quantize(src: Path, dst: Path, target: ExportTarget, calibration, excluded:
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(q.op_types), per_channel=q.per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=excluded, calibrate_method=methods[q.calibration_method])
+                            nodes_to_exclude=excluded, calibrate_method=methods[q.calibration_method],
+                            reduce_range=q.reduce_range)
     finally:
         pre.unlink(missing_ok=True)
 

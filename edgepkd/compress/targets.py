@@ -38,6 +38,9 @@ class QuantConfig:
         "int8_dynamic_activation_int8_weight"            # torchao
     min_elements: int = 64                               # weights, float_weights: constants with fewer values
                                                          # stay float
+    reduce_range: bool = False                           # ort_*: 7-bit weights (onnxruntime's reduce_range): its
+                                                         # u8s8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F)
+                                                         # sum pairs of 8-bit products in int16 and can saturate
     float_weights: Literal["fp32", "int8"] = "fp32"      # pt2e (tflite): the float constants int8 compute leaves
                                                          # (excluded modules, the scan's) stored as int8 behind a
                                                          # DEQUANTIZE run once at load, as method weights does
