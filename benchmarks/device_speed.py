@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgepkd.compress.export import export_targets  # noqa: E402
 from edgepkd.compress.targets import VerifyConfig, load_targets  # noqa: E402
+from edgepkd.compress.verify import CROSS_CHECK_AGREEMENT  # noqa: E402
 from edgepkd.compress.runtimes import ExecuTorchModel, OnnxModel, TFLiteModel  # noqa: E402
 from edgepkd.report import load_metrics  # noqa: E402
 
@@ -62,6 +63,7 @@ def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: 
                targets: list[str] = TARGETS) -> list[dict]:
     """Export ``models`` for every target (and the fp32 targets with ``before_scan``); manifest entries with
     the target's base name and scan form added."""
+    from edgepkd.compress import verify
     from edgepkd.models import mamba
 
     registry = load_targets()
@@ -77,15 +79,16 @@ def export_all(run: Path, models: list[str], before_scan: str | None, data_dir: 
             variants.append((t, name, scan))
     entries = []
     for t, name, scan in variants:
-        forms = mamba.EXPORT_FORMS
+        forms, agreement = mamba.EXPORT_FORMS, verify.CROSS_CHECK_AGREEMENT
         if scan == DEFAULT_FORM:  # the form every format exported before EXPORT_FORMS (conv1d, 'ssd')
             mamba.EXPORT_FORMS = {}
+        verify.CROSS_CHECK_AGREEMENT = 0.0  # int8 second opinions (TFLite's builtin kernels) report, not gate
         try:
             written, _ = export_targets(str(run), [t], models=models, data_dir=data_dir,
                                         log=lambda line: print(line, file=sys.stderr) if ": exporting " in line
                                         else None)
         finally:
-            mamba.EXPORT_FORMS = forms
+            mamba.EXPORT_FORMS, verify.CROSS_CHECK_AGREEMENT = forms, agreement
         for e in written:
             entries.append({**e, "base_target": name, "scan": scan, "format": t.format,
                             "path": str(run / "export" / t.name / e["file"])})
@@ -323,6 +326,8 @@ def bench_run(run: Path, args, with_runs: list[Path] = ()) -> dict:
             e["eff_beyond_floor_vs_teacher"] = ((e["mflops"] / e["beyond_floor_ms"]) / (t["mflops"] / t_beyond)
                                                 if e["beyond_floor_ms"] > 0 and t_beyond > 0 else None)
         e["acc"] = e["verification"].get("accuracy")
+        checks = e["verification"].get("cross_checks") or []
+        e["second_opinion_agreement"] = min((c["agreement"] for c in checks), default=None)
         if e["precision"] == "fp32" and e["format"] == "onnx":
             e["profile"] = onnx_profile(e["path"], args.profile_runs)
         if e["format"] == "tflite":
@@ -355,13 +360,20 @@ def int8_table(rows: list[dict]) -> list[str]:
     lines = ["## int8 against fp32, same runtime, same rounds", "",
              "fp32 p50 / int8 p50 (above 1: the int8 artifact is faster; the rows' repeat is the noise) and int8 "
              "file bytes / fp32 file bytes.", "",
-             "| model | int8 target | fp32 target | fp32 p50 ms | int8 p50 ms | speed-up | repeat (worst) | file / fp32 |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| model | int8 target | fp32 target | fp32 p50 ms | int8 p50 ms | speed-up | repeat (worst) | file / fp32 "
+             "| second opinion agrees (%) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r, f in sorted(pairs, key=lambda p: (p[0]["base_target"], p[0]["model"] != "teacher", p[0]["model"])):
         lines.append(f"| {r['model']} | {r['base_target']} | {f['base_target']} | {f['p50_ms']:.4f} | "
                      f"{r['p50_ms']:.4f} | {f['p50_ms'] / r['p50_ms']:.2f} | {max(r['repeat'], f['repeat']):.2f} | "
-                     f"{r['bytes'] / f['bytes']:.2f} |")
-    return lines + [""]
+                     f"{r['bytes'] / f['bytes']:.2f} | {_pct(r.get('second_opinion_agreement'))} |")
+    return lines + ["", "Second opinion: top-1 agreement of the format's other kernels on the same file (TFLite's "
+                        "builtin kernels against XNNPACK) on the verification's first images; `edgepkd export` "
+                        f"refuses an int8 file below {CROSS_CHECK_AGREEMENT:g} % (here it reports).", ""]
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def floor_table(result: dict) -> list[str]:
