@@ -439,7 +439,9 @@ def cost_fits(rows: list[dict]) -> dict[str, dict]:
 def render(result: dict, env: dict, command: str, args) -> str:
     rows = result["rows"]
     lines = [f"# Device speed: {result['run']}", "",
-             f"`{command}` on {env['machine']} ({env['cpu']}), {env['cpus']} CPUs; onnxruntime "
+             f"`{command}` on {env['machine']} ({env['cpu']}"
+             + (f"; {', '.join(env['simd']) or 'none of ' + ', '.join(SIMD_FLAGS)}" if env.get("simd") is not None
+                else "") + f"), {env['cpus']} CPUs; onnxruntime "
              f"{env['onnxruntime']}, ai-edge-litert {env['ai_edge_litert']}"
              + (f", executorch {env['executorch']}" if env.get("executorch") else "")
              + f". 1 thread, batch 1; {args.rounds} interleaved rounds of >= {args.min_seconds} s per artifact. "
@@ -490,6 +492,21 @@ def render(result: dict, env: dict, command: str, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the x86 flags int8 speed depends on: XNNPACK's and onnxruntime's int8 kernels gain from VNNI; without it
+# tflite-int8-static ran slower than fp32 and onnxruntime's u8s8 kernels saturated 8-bit weights (2026-12-08)
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def simd_flags() -> list[str] | None:
+    """Which of ``SIMD_FLAGS`` /proc/cpuinfo lists (None where there is no /proc/cpuinfo)."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in info.read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return [f for f in SIMD_FLAGS if f in flags]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories")
@@ -518,7 +535,8 @@ def main() -> int:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    env = {"machine": f"{platform.system()} {platform.machine()}", "cpu": cpu, "cpus": os.cpu_count(),
+    env = {"machine": f"{platform.system()} {platform.machine()}", "cpu": cpu, "simd": simd_flags(),
+           "cpus": os.cpu_count(),
            "onnxruntime": onnxruntime.__version__, "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),
            "load_average": os.getloadavg()}
     if any(load_targets().get(t).format == "executorch" for t in args.targets.split(",")):
