@@ -147,6 +147,8 @@ def export_floor(run: Path, targets: list[str]) -> list[dict]:
     bound of the smallest students (issue #13)."""
     import torch
 
+    from edgepkd.errors import ConfigError
+    from edgepkd.measure.latency_table import fp32_target
     from edgepkd.models.flops import count_flops
 
     class InvokeFloor(torch.nn.Module):
@@ -163,10 +165,13 @@ def export_floor(run: Path, targets: list[str]) -> list[dict]:
     entries, seen = [], set()
     for name in targets:
         fmt = registry.get(name).format
-        fp32 = next((t for _, t in registry.items() if t.format == fmt and t.precision == "fp32"), None)
-        if fp32 is None or fmt in seen:
+        if fmt in seen:
             continue
         seen.add(fmt)
+        try:
+            fp32 = fp32_target(fmt, "host")   # what latency tables time candidates as
+        except ConfigError:                   # a format with no fp32 target (TFLite Micro): no floor
+            continue
         torch.manual_seed(0)
         net = InvokeFloor(c, len(meta["classes"])).eval()
         folder = run / "export" / f"speed-floor-{fp32.name}"

@@ -15,6 +15,7 @@ import click
 
 from edgepkd import __version__
 from edgepkd.errors import ConfigError, EdgepkdError
+from edgepkd.measure.early_exit import DEFAULT_THETAS  # numbers only: the module imports json, math, time
 
 EXAMPLES = """\b
 examples:
@@ -535,7 +536,7 @@ def _exits(text: str | None) -> list[int] | None:
               help="the export target whose members run (e.g. tflite-fp32)")
 @_device_option("a local device profile whose threads to use (default: 1 thread); recorded for edgepkd pick")
 @click.option("--thetas", metavar="LIST", help="confidence thresholds to sweep, comma-separated in [0, 1] "
-              "(default: 0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.995,0.999,0.9999,0.99999,0.999999,1)")
+              f"(default: {','.join(format(t, 'g') for t in DEFAULT_THETAS)})")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="only the first N test images")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, metavar="K",
               help="passes over the images; each step's time is its median over them")
